@@ -1,0 +1,1 @@
+"""Data: indexed token files, tokenizers, preprocessing, sample indices and blending."""
