@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--workers", type=int, default=1, help="worker processes (output is identical for every count)")
     g.add_argument("--no-ftfy", action="store_true", help="skip ftfy.fix_text cleaning")
     g.add_argument("--strict", action="store_true", help="exit non-zero at the first bad record instead of skipping")
-    g.add_argument("--log-interval", type=int, default=10000, help="kept for Megatron compatibility")
+    g.add_argument("--log-interval", type=int, default=10000, help="with --no-progress: print a progress line every N documents")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 

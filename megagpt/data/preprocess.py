@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ class PreprocessOptions:
     num_shards: int = 1
     shard_index: int = 0
     txt_separator: str | None = None
-    unit_bytes: int = 4 << 20
+    unit_bytes: int = 1 << 20  # ~1 MB units keep both workers busy to the end of a file
     progress: bool = True
     log_interval: int = 10000
 
@@ -233,6 +234,7 @@ def preprocess(opts: PreprocessOptions) -> dict:
     skips, key_skips = SkipTally(), {k: SkipTally() for k in opts.json_keys}
     text_bytes = dict.fromkeys(opts.json_keys, 0)
     records = in_bytes = docs = tokens = 0
+    next_log = opts.log_interval
     started = time.perf_counter()
     bar = _progress_bar(opts)
     try:
@@ -249,10 +251,15 @@ def preprocess(opts: PreprocessOptions) -> dict:
             tokens += sum(v.size for v in res.tokens.values())
             records += res.num_records
             in_bytes += res.num_bytes
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            rates = f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed:,.0f} tok/s"
             if bar is not None:
-                elapsed = max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix_str(f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed:,.0f} tok/s", refresh=False)
+                bar.set_postfix_str(rates, refresh=False)
                 bar.update(res.num_bytes)
+            elif opts.log_interval and docs >= next_log:  # no bar (--no-progress): a log line every N documents
+                print(f"processed {docs:,} documents, {in_bytes / 1e6:,.1f} MB: {in_bytes / 1e6 / elapsed:.2f} "
+                      f"MB/s, {rates}", file=sys.stderr, flush=True)
+                next_log = (docs // opts.log_interval + 1) * opts.log_interval
         empty = [k for k, w in writers.items() if w.num_documents == 0]
         if empty:
             raise RuntimeError(f"no documents were written for key(s) {empty} (skipped: "
