@@ -103,25 +103,11 @@ class UnitProcessor:
         lengths: dict[str, list[int]] = {k: [] for k in self.keys}
         text_bytes = dict.fromkeys(self.keys, 0)
         eod = np.array([self.tokenizer.eod], dtype=self.dtype)
-        for line, doc in self._documents(unit, skips):
+        for line, doc in unit_documents(unit, skips):
             where = f"{unit.path}:{line}"
             for key in self.keys:
-                value = doc.get(key, _MISSING)
-                if value is _MISSING:
-                    key_skips[key].add("missing_key", where)
-                    continue
-                if isinstance(value, bytes):  # raw text-file content: decode here, in the worker
-                    try:
-                        value = value.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        key_skips[key].add("invalid_utf8", f"{where} (byte {e.start})")
-                        continue
-                if not isinstance(value, str):
-                    key_skips[key].add("non_string", f"{where} ({type(value).__name__})")
-                    continue
-                text = clean_text(value) if self.ftfy else value
-                if not text.strip():
-                    key_skips[key].add("empty", where)
+                text = document_text(doc, key, where, key_skips[key], self.ftfy)
+                if text is None:
                     continue
                 ids = self.tokenizer.encode(text)
                 pieces[key].append(ids.astype(self.dtype, copy=False))
@@ -135,35 +121,56 @@ class UnitProcessor:
             text_bytes=text_bytes, skips=skips, key_skips=key_skips,
             num_records=unit.num_records, num_bytes=unit.num_bytes)
 
-    @staticmethod
-    def _documents(unit: WorkUnit, skips: SkipTally):
-        if unit.format != "jsonl":
-            yield from unit.payload
-            return
-        lines = unit.payload.split(b"\n")
-        for i in range(unit.num_records):
-            raw, line = lines[i], unit.first_line + i
-            where = f"{unit.path}:{line}"
-            if not raw.strip():
-                skips.add("blank_line", where)
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                skips.add("invalid_utf8", f"{where} (byte {e.start})")
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                skips.add("invalid_json", f"{where} ({e.msg}, column {e.colno})")
-                continue
-            if not isinstance(obj, dict):
-                skips.add("not_an_object", f"{where} ({type(obj).__name__})")
-                continue
-            yield line, obj
+def unit_documents(unit: WorkUnit, skips: SkipTally):
+    """``(line, record dict)`` for each usable record of a unit; unusable records are counted in ``skips``."""
+    if unit.format != "jsonl":
+        yield from unit.payload
+        return
+    lines = unit.payload.split(b"\n")
+    for i in range(unit.num_records):
+        raw, line = lines[i], unit.first_line + i
+        where = f"{unit.path}:{line}"
+        if not raw.strip():
+            skips.add("blank_line", where)
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            skips.add("invalid_utf8", f"{where} (byte {e.start})")
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            skips.add("invalid_json", f"{where} ({e.msg}, column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            skips.add("not_an_object", f"{where} ({type(obj).__name__})")
+            continue
+        yield line, obj
 
 
-_MISSING = object()
+def document_text(doc: dict, key: str, where: str, tally: SkipTally, ftfy: bool) -> str | None:
+    """The cleaned text under ``key``, or None after counting in ``tally`` why there is none."""
+    if key not in doc:
+        tally.add("missing_key", where)
+        return None
+    value = doc[key]
+    if isinstance(value, bytes):  # raw text-file content: decoded here, in the worker
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            tally.add("invalid_utf8", f"{where} (byte {e.start})")
+            return None
+    if not isinstance(value, str):
+        tally.add("non_string", f"{where} ({type(value).__name__})")
+        return None
+    text = clean_text(value) if ftfy else value
+    if not text.strip():
+        tally.add("empty", where)
+        return None
+    return text
+
+
 _worker_processor: UnitProcessor | None = None
 
 

@@ -117,6 +117,9 @@ class HFTokenizer:
         from tokenizers import Tokenizer
         self.tokenizer_file = os.fspath(tokenizer_file)
         self._tok = Tokenizer.from_file(self.tokenizer_file)
+        # A special-token string inside a document is text, not a control token; this switch is not stored in
+        # tokenizer.json, so it is set on every load.
+        self._tok.encode_special_tokens = True
         candidates = [eod_token] if eod_token else [GPT2_EOD, "</s>", "<eos>", "[EOS]", "<|end_of_text|>"]
         found = [t for t in candidates if self._tok.token_to_id(t) is not None]
         if not found:
@@ -133,8 +136,12 @@ class HFTokenizer:
         self.__init__(state["tokenizer_file"], state["eod_token"])
 
     def encode(self, text: str) -> np.ndarray:
-        # split_special_tokens: a special-token string in a document is text, not a control token.
-        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        try:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # lone surrogates (possible with --no-ftfy): replaced, as GPT2BPETokenizer does
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        return np.asarray(ids, dtype=np.int64)
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

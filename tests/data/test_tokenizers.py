@@ -84,4 +84,6 @@ def test_hf_tokenizer_json(tmp_path, hf_gpt2):
     tok = build_tokenizer("HFTokenizer", tokenizer_file=str(path))
     assert tok.eod == 50256
     assert np.array_equal(tok.encode("some text here"), hf_gpt2.encode("some text here").ids)
+    assert tok.eod not in tok.encode("a <|endoftext|> b").tolist()  # special-token text stays text
+    assert tok.encode("lone \ud800 surrogate").tolist() == tok.encode("lone \ufffd surrogate").tolist()
     assert pickle.loads(pickle.dumps(tok)).encode("x y").tolist() == tok.encode("x y").tolist()
