@@ -41,7 +41,9 @@ py::array_t<T> require_1d(const py::object& obj, const char* name, bool writeabl
                                     ", got " + py::str(py::type::of(obj)).cast<std::string>());
     }
     py::array arr = py::reinterpret_borrow<py::array>(obj);
-    if (!arr.dtype().is(py::dtype::of<T>())) {
+    // isinstance<array_t<T>> compares dtypes by equivalence (PyArray_EquivTypes), not identity: arrays that
+    // went through pickle, or np.longlong for int64, carry equal but distinct dtype objects.
+    if (!py::isinstance<py::array_t<T>>(obj)) {
         throw std::invalid_argument(std::string(name) + " must have dtype " + dtype_name<T>() + ", got " +
                                     py::str(arr.dtype()).cast<std::string>() + " (convert with .astype)");
     }

@@ -79,9 +79,10 @@ def _as_number(text: str) -> float | None:
 
 
 def component_num_samples(weights: Sequence[float], size: int) -> list[int]:
-    """Samples each component must hold for a ``size``-sample blend: ``ceil(weight * size * 1.005)``."""
+    """Samples each component must hold for a ``size``-sample blend: megatron-core's
+    ``ceil(ceil(weight * size) * 1.005)`` (the margin absorbs the blending rule's lead of up to one sample)."""
     weights = _normalised(weights)
-    return [int(math.ceil(w * size * COMPONENT_SIZE_MARGIN)) for w in weights]
+    return [int(math.ceil(math.ceil(w * size) * COMPONENT_SIZE_MARGIN)) for w in weights]
 
 
 def _normalised(weights: Sequence[float]) -> np.ndarray:

@@ -225,3 +225,13 @@ def test_helpers_match_megatron_core():
         build_exhaustive_blending_indices(*ours, counts, num_datasets)
         np.testing.assert_array_equal(ours[0], theirs[0])
         np.testing.assert_array_equal(ours[1], theirs[1])
+
+
+def test_pickled_arrays_are_accepted():
+    """Arrays that went through pickle (DataLoader workers, broadcast_object_list) carry equal, not identical,
+    dtype objects; the C++ dtype check must compare by equivalence."""
+    import pickle
+    sizes = pickle.loads(pickle.dumps(np.array([5, 3, 7], dtype=np.int32)))
+    doc_idx = pickle.loads(pickle.dumps(np.array([0, 1, 2], dtype=np.int32)))
+    out = build_sample_idx(sizes, doc_idx, 4, 1, 15)
+    assert np.array_equal(out, build_sample_idx_reference(sizes, doc_idx, 4, 1, 15))
