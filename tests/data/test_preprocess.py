@@ -5,7 +5,6 @@ import json
 import os
 
 import ftfy
-import numpy as np
 import pytest
 import zstandard
 

@@ -1,6 +1,5 @@
 """benchmarks/bench_preprocess.py runs end to end on a small cut (no speed assertions), and its unicode corpus is
 deterministic and keeps ftfy busy."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,18 +8,12 @@ from pathlib import Path
 import ftfy
 import pytest
 import zstandard
+from testing_utils import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_unicode_corpus():
-    spec = importlib.util.spec_from_file_location("unicode_corpus", REPO / "benchmarks" / "unicode_corpus.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-unicode_corpus = _load_unicode_corpus()
+unicode_corpus = load_script("benchmarks/unicode_corpus.py")
 
 
 def _read_zst(path) -> bytes:

@@ -1,15 +1,11 @@
 """tools/dataset_info.py: the demo's summary of a dataset and its split samples."""
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 
 from megagpt.data.indexed import IndexedDatasetWriter
+from testing_utils import load_script
 
-spec = importlib.util.spec_from_file_location("dataset_info", Path(__file__).resolve().parents[2] / "tools" /
-                                              "dataset_info.py")
-dataset_info = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(dataset_info)
+dataset_info = load_script("tools/dataset_info.py")
 
 
 def test_describe_counts_documents_tokens_and_samples(tmp_path):

@@ -1,6 +1,5 @@
 """tools/preprocess_data.py and tools/merge_datasets.py as users run them."""
 import json
-import os
 import signal
 import subprocess
 import sys
