@@ -1,0 +1,160 @@
+"""Typed, validated configuration for megagpt.
+
+This module is the single home of every configuration section. Each section is a frozen
+dataclass holding *user inputs only*; derived values are properties; validation happens once,
+in ``__post_init__``, raising ``ValueError`` that names the field, the bad value and what is
+allowed. ``from_dict`` rejects unknown keys by name. Components receive their own section
+(the model gets a ``ModelConfig``), never the whole tree.
+
+For now it holds only ``ModelConfig``; the data, optimizer, parallel, ... sections are added
+here by later issues, following the same pattern. This module must not import torch.distributed,
+deepspeed or build anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+POSITION_TYPES = ("alibi", "learned", "none")
+ATTENTION_BACKENDS = ("auto", "triton", "flex", "sdpa", "reference", "flash")
+
+
+def _section_from_dict(cls, values: dict[str, Any], section: str):
+    """Build dataclass ``cls`` from ``values``, naming any unknown keys."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{section}: expected a JSON object (dict), got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{section}: unknown key(s) {unknown}; allowed keys are {sorted(known)}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise ValueError(f"{section}: missing required key(s) {missing}")
+    return cls(**values)
+
+
+def _check_positive_int(section: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{section}.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and options of the GPT decoder (see megagpt/model/gpt.py).
+
+    ``dropout`` applies to the embedding output and to each residual branch; attention
+    probabilities are never dropped, because the fused attention kernels do not support it.
+    """
+
+    vocab_size: int
+    seq_len: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    head_dim: int | None = None  # None: d_model // num_heads
+    mlp_ratio: float = 4.0  # MLP hidden size = mlp_ratio * d_model
+    position: str = "alibi"  # one of POSITION_TYPES
+    parallel_residual: bool = True  # x + attn(ln(x)) + mlp(ln(x)) instead of GPT-2's sequential form
+    shared_layernorm: bool = False  # parallel residual only: one LayerNorm feeds both branches
+    bias: bool = True  # biases in linears and LayerNorms
+    tied_embeddings: bool = True
+    dropout: float = 0.0
+    attention_backend: str = "auto"  # one of ATTENTION_BACKENDS; auto = triton on CUDA, sdpa on CPU
+    layernorm_eps: float = 1e-5
+    make_vocab_size_divisible_by: int = 128
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        s = "model"
+        for name in ("vocab_size", "seq_len", "d_model", "num_layers", "num_heads",
+                     "make_vocab_size_divisible_by"):
+            _check_positive_int(s, name, getattr(self, name))
+        if self.head_dim is None:
+            if self.d_model % self.num_heads:
+                raise ValueError(
+                    f"{s}.d_model={self.d_model} is not divisible by {s}.num_heads={self.num_heads}; "
+                    f"set {s}.head_dim explicitly")
+        else:
+            _check_positive_int(s, "head_dim", self.head_dim)
+        if self.position not in POSITION_TYPES:
+            raise ValueError(f"{s}.position={self.position!r} is not one of {list(POSITION_TYPES)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"{s}.attention_backend={self.attention_backend!r} is not one of {list(ATTENTION_BACKENDS)}")
+        for name in ("parallel_residual", "shared_layernorm", "bias", "tied_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{s}.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.shared_layernorm and not self.parallel_residual:
+            raise ValueError(f"{s}.shared_layernorm=true needs {s}.parallel_residual=true")
+        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) \
+                or self.mlp_ratio <= 0:
+            raise ValueError(f"{s}.mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
+        hidden = self.mlp_ratio * self.d_model
+        if abs(hidden - round(hidden)) > 1e-9:
+            raise ValueError(f"{s}.mlp_ratio={self.mlp_ratio} * d_model={self.d_model} = {hidden} "
+                             "is not a whole number of MLP units")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{s}.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.layernorm_eps > 0:
+            raise ValueError(f"{s}.layernorm_eps must be > 0, got {self.layernorm_eps!r}")
+        if not self.init_std > 0:
+            raise ValueError(f"{s}.init_std must be > 0, got {self.init_std!r}")
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def resolved_head_dim(self) -> int:
+        """Per-head width: ``head_dim`` if given, else ``d_model // num_heads``."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+    @property
+    def attention_width(self) -> int:
+        """Width of the concatenated heads (``num_heads * head_dim``); may differ from d_model."""
+        return self.num_heads * self.resolved_head_dim
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        """Hidden width of the MLP."""
+        return int(round(self.mlp_ratio * self.d_model))
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocab rounded up to ``make_vocab_size_divisible_by`` (fast matmuls, even TP shards)."""
+        multiple = self.make_vocab_size_divisible_by
+        return math.ceil(self.vocab_size / multiple) * multiple
+
+    # ---- (de)serialisation ----------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        """Build from a plain dict (e.g. parsed JSON); unknown keys raise ValueError naming them."""
+        return _section_from_dict(cls, values, "model")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The user inputs as a JSON-serialisable dict (round-trips through ``from_dict``)."""
+        return dataclasses.asdict(self)
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Read a ModelConfig from a JSON file.
+
+    The file holds either the ModelConfig fields themselves or a full config whose ``"model"``
+    key holds them (the layout of the complete training config).
+    """
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"model config file {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"model config file {path} is not valid JSON: {err}") from None
+    if isinstance(values, dict) and isinstance(values.get("model"), dict):
+        values = values["model"]
+    try:
+        return ModelConfig.from_dict(values)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
