@@ -1,15 +1,4 @@
-"""Typed, validated configuration for megagpt.
-
-This module is the single home of every configuration section. Each section is a frozen
-dataclass holding *user inputs only*; derived values are properties; validation happens once,
-in ``__post_init__``, raising ``ValueError`` that names the field, the bad value and what is
-allowed. ``from_dict`` rejects unknown keys by name. Components receive their own section
-(the model gets a ``ModelConfig``), never the whole tree.
-
-For now it holds only ``ModelConfig``; the data, optimizer, parallel, ... sections are added
-here by later issues, following the same pattern. This module must not import torch.distributed,
-deepspeed or build anything.
-"""
+"""The model section: ``ModelConfig`` and the analytic parameter count."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,29 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megagpt.config._fields import _check_positive_int, _section_from_dict
+
 POSITION_TYPES = ("alibi", "learned", "none")
 ATTENTION_BACKENDS = ("auto", "triton", "flex", "sdpa", "reference", "flash")
-
-
-def _section_from_dict(cls, values: dict[str, Any], section: str):
-    """Build dataclass ``cls`` from ``values``, naming any unknown keys."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{section}: expected a JSON object (dict), got {type(values).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{section}: unknown key(s) {unknown}; allowed keys are {sorted(known)}")
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [name for name in required if name not in values]
-    if missing:
-        raise ValueError(f"{section}: missing required key(s) {missing}")
-    return cls(**values)
-
-
-def _check_positive_int(section: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{section}.{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -158,3 +128,22 @@ def load_model_config(path: str | Path) -> ModelConfig:
         return ModelConfig.from_dict(values)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def parameter_count(model: ModelConfig) -> int:
+    """Parameters of ``megagpt.model.GPT(model)``, computed from the shape (a tied head counts once)."""
+    d, width, hidden = model.d_model, model.attention_width, model.ffn_hidden_size
+    bias = 1 if model.bias else 0
+    layernorm = d * (1 + bias)
+    count = model.padded_vocab_size * d  # token embedding
+    if model.position == "learned":
+        count += model.seq_len * d
+    per_layer = (layernorm * (1 if model.shared_layernorm else 2)
+                 + d * 3 * width + bias * 3 * width  # fused QKV
+                 + width * d + bias * d  # attention output projection
+                 + d * hidden + bias * hidden  # MLP up
+                 + hidden * d + bias * d)  # MLP down
+    count += model.num_layers * per_layer + layernorm  # blocks and the final LayerNorm
+    if not model.tied_embeddings:
+        count += model.padded_vocab_size * d  # untied output head (no bias)
+    return count
