@@ -94,8 +94,9 @@ class ScheduleConfig(_Section):
 
     ``constant_fraction``: share of the post-warmup steps (or tokens) held at ``lr`` before decay.
     ``seq_len_stages``: ``[[length, steps], ...]`` run in order from step 0; after the last stage
-    training uses ``model.seq_len``. ``seq_len_ramp``: ``{"start", "end", "steps", "multiple"}``, a
-    linear ramp from ``start`` to ``end`` over ``steps`` rounded down to ``multiple``. At most one.
+    training uses ``model.seq_len``. ``seq_len_ramp``: ``{"start", "steps"}``, a linear ramp
+    from ``start`` to ``model.seq_len`` over ``steps``, rounded down to multiples of 8
+    (``megagpt.optim.SeqLenSchedule.linear_ramp``). At most one.
     """
 
     SECTION = "schedule"
@@ -139,27 +140,26 @@ class ScheduleConfig(_Section):
                                  f"schedule.train_iters={self.train_iters}")
         if self.seq_len_ramp is not None:
             ramp = dict(self.seq_len_ramp)
-            ramp.setdefault("multiple", 8)
-            keys = {"start", "end", "steps", "multiple"}
+            keys = {"start", "steps"}
             if set(ramp) != keys:
-                raise ValueError(f"schedule.seq_len_ramp needs exactly the keys {sorted(keys)} (multiple is "
-                                 f"optional, default 8), got {sorted(self.seq_len_ramp)}")
+                raise ValueError(f"schedule.seq_len_ramp needs exactly the keys {sorted(keys)} (it ramps to "
+                                 f"model.seq_len in multiples of 8), got {sorted(self.seq_len_ramp)}")
             for key in sorted(keys):
                 _check_positive_int("schedule.seq_len_ramp", key, ramp[key])
-            if ramp["start"] > ramp["end"] or ramp["start"] % ramp["multiple"]:
-                raise ValueError(f"schedule.seq_len_ramp: need start <= end and start a multiple of "
-                                 f"multiple, got {ramp}")
+            if ramp["start"] % 8:
+                raise ValueError(f"schedule.seq_len_ramp.start must be a multiple of 8, got {ramp['start']}")
             if ramp["steps"] > self.train_iters:
                 raise ValueError(f"schedule.seq_len_ramp.steps={ramp['steps']} > "
                                  f"schedule.train_iters={self.train_iters}")
             object.__setattr__(self, "seq_len_ramp", ramp)
 
     def max_seq_len(self) -> int | None:
-        """The longest length the stages or the ramp ask for (None without either)."""
+        """The longest length the stages ask for, or the ramp's start (None without either); the ramp ends at
+        ``model.seq_len``."""
         if self.seq_len_stages is not None:
             return max(length for length, _ in self.seq_len_stages)
         if self.seq_len_ramp is not None:
-            return self.seq_len_ramp["end"]
+            return self.seq_len_ramp["start"]
         return None
 
 
