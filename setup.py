@@ -37,7 +37,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "train": ["deepspeed>=0.15", "bitsandbytes>=0.43", "triton>=3.0", "tensorboard"],
+        "train": ["deepspeed>=0.15", "bitsandbytes>=0.43", "triton>=3.0", "tensorboard", "matplotlib"],
         "hf": ["transformers>=4.40"],
         "flash": ["flash-attn>=2.4"],
         # megatron-core is a test oracle: our .bin/.idx files and C++ helpers are compared with Megatron-LM's own.
