@@ -137,3 +137,16 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     return value
+
+
+def read_json_file(path, what: str):
+    """Parse a JSON file, turning a missing file or bad JSON into a ValueError naming ``what`` and the path."""
+    import json
+    from pathlib import Path
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON: {err}") from None

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megagpt.config._fields import _check_positive_int, _section_from_dict
+from megagpt.config._fields import read_json_file, _check_positive_int, _section_from_dict
 
 POSITION_TYPES = ("alibi", "learned", "none")
 ATTENTION_BACKENDS = ("auto", "triton", "flex", "sdpa", "reference", "flash")
@@ -116,12 +115,7 @@ def load_model_config(path: str | Path) -> ModelConfig:
     key holds them (the layout of the complete training config).
     """
     path = Path(path)
-    try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"model config file {path} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"model config file {path} is not valid JSON: {err}") from None
+    values = read_json_file(path, "model config file")
     if isinstance(values, dict) and isinstance(values.get("model"), dict):
         values = values["model"]
     try:

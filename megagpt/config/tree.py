@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megagpt.config._fields import _coerce, _did_you_mean, _jsonable
+from megagpt.config._fields import read_json_file, _coerce, _did_you_mean, _jsonable
 from megagpt.config.model import ModelConfig
 from megagpt.config.sections import (BatchConfig, CheckpointConfig, DataConfig, LoggingConfig, OptimizerConfig,
                                      ParallelConfig, ScheduleConfig)
@@ -179,12 +179,7 @@ def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Confi
     Errors name the file and the key path. World-size and file-system checks are ``validate``'s.
     """
     path = Path(path)
-    try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"config file {path} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"config file {path} is not valid JSON: {err}") from None
+    values = read_json_file(path, "config file")
     try:
         return Config.from_dict(apply_overrides(values, overrides))
     except ValueError as err:
