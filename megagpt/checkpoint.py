@@ -1,0 +1,142 @@
+"""Checkpoints: save with DeepSpeed, publish with our own ``latest`` file, resume, keep the last K.
+
+Layout of a save directory::
+
+    save/step500/            DeepSpeed's model and optimizer files, plus
+    save/step500/config.json the resolved config of the run
+    save/step500/rng_rank{r}.pt  each rank's python/numpy/torch/cuda RNG states
+    save/latest              "step500", written last
+
+DeepSpeed would write ``latest`` itself before all ranks finished their files; we pass
+``save_latest=False`` and replace ``latest`` atomically only after every rank has written
+everything (a barrier), so a crash during a save leaves ``latest`` on the previous, whole checkpoint.
+RNG states are per rank (dropout differs by rank), so they go in per-rank files, not in
+``client_state``, which DeepSpeed stores from rank 0 only.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megagpt.config import Config, save_resolved
+
+LATEST = "latest"
+_TAG = re.compile(r"^step(\d+)$")
+
+
+def step_tag(step: int) -> str:
+    """The checkpoint tag (directory name) of optimizer step ``step``."""
+    return f"step{step}"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch CPU, every CUDA device)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_tag(directory: str | os.PathLike) -> str | None:
+    """The tag named by ``directory/latest``, or None when there is no checkpoint yet.
+
+    ValueError when ``latest`` names a directory that does not exist (it was deleted by hand)."""
+    path = Path(directory) / LATEST
+    if not path.exists():
+        return None
+    tag = path.read_text().strip()
+    if not (Path(directory) / tag).is_dir():
+        raise ValueError(f"{path} names checkpoint {tag!r} but {Path(directory) / tag} does not exist; "
+                         f"point {path} at an existing step directory or delete it to start afresh")
+    return tag
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[str]:
+    """Delete all but the newest ``keep_last`` step directories (0 keeps all); never the one ``latest``
+    names. Returns the tags removed."""
+    if keep_last <= 0:
+        return []
+    directory = Path(directory)
+    tags = sorted((int(m.group(1)), p.name) for p in directory.iterdir()
+                  if p.is_dir() and (m := _TAG.match(p.name)))
+    current = latest_tag(directory)
+    removed = []
+    for _, tag in tags[:-keep_last]:
+        if tag != current:
+            shutil.rmtree(directory / tag)
+            removed.append(tag)
+    return removed
+
+
+def save_checkpoint(engine, directory: str | os.PathLike, step: int, client_state: dict, config: Config,
+                    rank: int) -> str:
+    """Save the engine and ``client_state`` as ``step{step}`` on every rank, then publish it as ``latest``
+    and prune to ``config.checkpoint.keep_last``. Collective: every rank must call it. Returns the tag."""
+    directory = Path(directory)
+    tag = step_tag(step)
+    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+    _atomic_torch_save(rng_state(), directory / tag / f"rng_rank{rank}.pt")
+    _barrier()  # every rank's files are complete before the checkpoint is published
+    if rank == 0:
+        save_resolved(config, directory / tag / "config.json")
+        _atomic_write_text(directory / LATEST, tag)
+        prune_checkpoints(directory, config.checkpoint.keep_last)
+    _barrier()
+    return tag
+
+
+def load_checkpoint(engine, directory: str | os.PathLike, rank: int) -> dict | None:
+    """Load the checkpoint ``directory/latest`` names into ``engine``; return its client state, or None when
+    the directory has no checkpoint. Restores this rank's RNG states last (loading may draw from them)."""
+    tag = latest_tag(directory)
+    if tag is None:
+        return None
+    path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+    if path is None:
+        raise ValueError(f"DeepSpeed could not load checkpoint {tag!r} from {directory}")
+    rng_file = Path(directory) / tag / f"rng_rank{rank}.pt"
+    if not rng_file.exists():
+        raise ValueError(f"{rng_file} is missing: the checkpoint was written by another number of ranks; "
+                         "resume with the same world size")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state

@@ -1,0 +1,109 @@
+"""Process setup and the DeepSpeed engine: device choice, process group, seeding, model + optimizer.
+
+``build_engine`` is the one place where a ``Config`` becomes something that trains: the GPT on
+its device, the named param groups, the client optimizer (torch AdamW or bitsandbytes 8-bit) and
+``deepspeed.initialize`` with the DeepSpeed JSON derived from the same config, so the two cannot
+disagree. DeepSpeed casts the model to bf16/fp16 itself when the config asks for it.
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megagpt.config import Config, deepspeed_config
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits: read from the launcher's environment (deepspeed, torchrun) or defaults."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launch_from_env(device: str = "auto") -> Launch:
+    """Rank, world size and local rank from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (1 process if unset),
+    and the torch device for ``device`` in ``DEVICE_CHOICES`` (auto: CUDA when available)."""
+    if device not in DEVICE_CHOICES:
+        raise ValueError(f"--device {device!r} is not one of {list(DEVICE_CHOICES)}")
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda but torch sees no CUDA device; use --device cpu")
+        return Launch(rank, world_size, local_rank, torch.device("cuda", local_rank))
+    return Launch(rank, world_size, local_rank, torch.device("cpu"))
+
+
+def _skip_shm_op_build() -> None:
+    """DeepSpeed's CPU backend JIT-builds a shared-memory collective op at init (~60 s on a fresh
+    machine) that training never uses; returning None makes it fall back to plain torch.distributed."""
+    import deepspeed.comm.torch  # noqa: F401  (the attribute path is shadowed by torch; use sys.modules)
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def init_distributed(launch: Launch) -> None:
+    """Start the process group: nccl on CUDA, gloo on CPU. A plain ``python`` run gets world size 1."""
+    import deepspeed
+
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        os.environ.setdefault(key, default)
+    if launch.device.type == "cuda":
+        torch.cuda.set_device(launch.device)
+        backend = "nccl"
+    else:
+        _skip_shm_op_build()
+        backend = "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) so model init and dropout repeat run to run."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def build_engine(config: Config, launch: Launch):
+    """The DeepSpeed engine for ``config``: GPT + param groups + client optimizer + ``deepspeed.initialize``.
+
+    Call after ``init_distributed``. Returns the engine (``engine.module`` is the GPT). The 8-bit
+    optimizers get 32-bit state for the embedding group, marked on the engine's optimizer after
+    initialize (ZeRO replaces the parameters by flat partitions, see megagpt/optim/optimizers.py).
+    """
+    import deepspeed
+
+    from megagpt.model import GPT
+    from megagpt.optim import build_optimizer, build_param_groups, keep_embedding_state_32bit
+
+    if config.parallel.tp > 1 or config.parallel.pp > 1:
+        raise ValueError(f"parallel.tp={config.parallel.tp}, parallel.pp={config.parallel.pp}: pretrain.py "
+                         "trains data-parallel only so far; set parallel.tp=1 and parallel.pp=1")
+    seed_everything(config.seed)
+    model = GPT(config.model).to(launch.device)
+    opt = config.optimizer
+    groups = build_param_groups(model, opt.weight_decay, decay_embeddings=opt.decay_embeddings,
+                                decay_norms_and_biases=opt.decay_norms_and_biases)
+    optimizer = build_optimizer(groups, opt.kind, opt.lr, opt.betas, opt.eps, device=launch.device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=deepspeed_config(config, launch.world_size))
+    if opt.uses_bitsandbytes:
+        keep_embedding_state_32bit(engine.optimizer)
+    return engine

@@ -1,0 +1,273 @@
+"""The training loop: data, schedules, steps, logging, evaluation, checkpoints and clean stops.
+
+One optimizer step: the loader hands this rank its full-length micro batches; the sequence-length
+warmup re-packs them (all micro batches at once, so it advances once per step); the LR schedule sets
+the learning rate; then each micro batch runs forward, ``engine.backward`` and ``engine.step``
+(DeepSpeed accumulates and steps the optimizer on the last one). Everything that decides what a step
+computes — loader position, schedules, RNG states — is checkpointed, so a resumed run repeats the
+uninterrupted one bit for bit.
+"""
+from __future__ import annotations
+
+import signal
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megagpt.checkpoint import latest_tag, load_checkpoint, save_checkpoint
+from megagpt.config import Config
+from megagpt.engine import Launch
+from megagpt.model import language_model_loss
+from megagpt.optim import LRSchedule, LRScheduler, SeqLenSchedule, SeqLenWarmup
+
+
+CLIENT_STATE_KEY = "megagpt"
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint's client state."""
+
+    step: int = 0
+    tokens: int = 0  # label tokens trained on, all ranks
+
+
+def build_datasets(config: Config, launch: Launch):
+    """Train and valid datasets for ``config.data``: ``train_iters x global_batch`` train samples and
+    ``eval_iters x global_batch`` valid samples (every evaluation reads the same valid batches, so
+    evaluations are comparable). Rank 0 builds the index caches first; the others then read them."""
+    from megagpt.data.blend import build_blended_datasets
+
+    data, batch = config.data, config.batch
+    num_samples = (config.schedule.train_iters * batch.global_batch, config.logging.eval_iters * batch.global_batch,
+                   0)
+
+    def build():
+        return build_blended_datasets(list(data.data_path), data.split, config.model.seq_len, num_samples,
+                                      data.seed, data.cache_dir)
+
+    if launch.is_main:
+        datasets = build()
+    _barrier()
+    if not launch.is_main:
+        datasets = build()
+    return datasets[0], datasets[1]
+
+
+def build_schedules(config: Config) -> tuple[LRScheduler, SeqLenWarmup]:
+    """The LR scheduler (in steps or tokens) and the sequence-length warmup from ``config.schedule``."""
+    sched, full_len = config.schedule, config.model.seq_len
+    per_unit = 1 if sched.lr_decay_unit == "steps" else config.tokens_per_step
+    lr = LRScheduler(LRSchedule(peak_lr=config.optimizer.lr, min_lr=config.optimizer.min_lr,
+                                warmup=sched.warmup_iters * per_unit, total=sched.train_iters * per_unit,
+                                constant_fraction=sched.constant_fraction, unit=sched.lr_decay_unit))
+    if sched.seq_len_stages is not None:
+        seq = SeqLenSchedule.from_stages(full_len, sched.seq_len_stages)
+    elif sched.seq_len_ramp is not None:
+        seq = SeqLenSchedule.linear_ramp(full_len, sched.seq_len_ramp["start"], sched.seq_len_ramp["steps"])
+    else:
+        seq = SeqLenSchedule.constant(full_len)
+    return lr, SeqLenWarmup(seq)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _mean_over_ranks(value: float, world_size: int) -> float:
+    """Average a float over all ranks (gloo has no AVG reduction: sum, then divide)."""
+    if world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.item() / world_size
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any (so all ranks stop at the same step)."""
+    if not dist.is_initialized():
+        return flag
+    tensor = torch.tensor([int(flag)])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop polls, so it can save a checkpoint before exiting."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignal":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _plain_fp32_engine(engine) -> bool:
+    """True when DeepSpeed steps the client optimizer directly (ZeRO-0, fp32): it then clips without
+    keeping the norm, so ``get_global_grad_norm`` is None and we compute the norm ourselves."""
+    return not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    """L2 norm over every parameter gradient of ``module``."""
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item()
+
+
+def micro_loss(engine, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Mean next-token loss of one micro batch of rows ``[b, seq_len + 1]``."""
+    rows = rows.to(device, non_blocking=True)
+    return language_model_loss(engine(rows[:, :-1]), rows[:, 1:])
+
+
+@torch.no_grad()
+def evaluate(engine, valid_dataset, config: Config, launch: Launch, dp_size: int) -> float:
+    """Mean validation loss over ``eval_iters`` global batches at the full length, averaged over ranks."""
+    from megagpt.data.loader import PretrainingLoader
+
+    loader = PretrainingLoader(valid_dataset, config.batch.micro_batch, config.batch.global_batch, dp_size,
+                               launch.rank)
+    engine.eval()
+    losses = [micro_loss(engine, torch.from_numpy(micro), launch.device).item()
+              for _ in range(config.logging.eval_iters) for micro in loader.next_step()]
+    engine.train()
+    return _mean_over_ranks(float(np.mean(losses)), launch.world_size)
+
+
+def train(config: Config, engine, launch: Launch, exit_interval: int | None = None) -> TrainState:
+    """Train ``engine`` per ``config`` from the latest checkpoint in ``checkpoint.load`` (or ``save``),
+    or from scratch. Stops after ``train_iters``, on SIGTERM/SIGINT, or at a multiple of
+    ``exit_interval``; saves a checkpoint whenever it stops (when ``checkpoint.save`` is set)."""
+    from megagpt.data.loader import PretrainingLoader
+    from megagpt.metrics import (MetricsLogger, flops_per_token, mfu, resolve_peak_tflops, StepTimer,
+                                 tflops_per_device)
+
+    dp_size = config.parallel.dp_size(launch.world_size)
+    train_ds, valid_ds = build_datasets(config, launch)
+    loader = PretrainingLoader(train_ds, config.batch.micro_batch, config.batch.global_batch, dp_size, launch.rank)
+    lr_scheduler, warmup = build_schedules(config)
+    state = TrainState()
+    save_dir = config.checkpoint.save
+    resume_step = _resume(engine, config, launch, loader, lr_scheduler, warmup, state)
+
+    metrics_dir = save_dir or tempfile.mkdtemp(prefix="megagpt-metrics-")
+    device_name = torch.cuda.get_device_name(launch.device) if launch.device.type == "cuda" else "cpu"
+    peak = resolve_peak_tflops(config.logging.peak_tflops_per_device, device_name)
+    sync = torch.cuda.synchronize if launch.device.type == "cuda" else None
+    grad_accum = config.batch.gradient_accumulation(dp_size)
+
+    def save() -> None:
+        if save_dir is not None:
+            # one key of our own: DeepSpeed drops client keys that clash with its own (e.g. "lr_scheduler")
+            client_state = {CLIENT_STATE_KEY: {
+                "loader": loader.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                "seq_len_warmup": warmup.state_dict(), "step": state.step, "tokens": state.tokens,
+                "config": config.to_dict()}}
+            save_checkpoint(engine, save_dir, state.step, client_state, config, launch.rank)
+
+    with MetricsLogger(metrics_dir, config.logging, launch.rank, resume_step=resume_step,
+                       run_config=config.to_dict()) as logger, StopSignal() as stop:
+        if launch.is_main and save_dir is None:
+            print(f"checkpoint.save is not set: no checkpoints; metrics go to {metrics_dir}", flush=True)
+        timer, losses = StepTimer(sync), []
+        saved_at = state.step
+        while state.step < config.schedule.train_iters:
+            seq_len = warmup.seq_len
+            full = torch.from_numpy(np.concatenate(loader.next_step()))
+            micro_batches = warmup.next_batch(full).chunk(grad_accum)  # repack keeps samples in order
+            step_tokens = config.batch.global_batch * (config.model.seq_len // seq_len) * seq_len
+            lr = lr_scheduler.step(step_tokens, engine.optimizer)
+            step_losses, plain_norm = [], None
+            for rows in micro_batches:
+                loss = micro_loss(engine, rows, launch.device)
+                engine.backward(loss)
+                if engine.is_gradient_accumulation_boundary() and _plain_fp32_engine(engine):
+                    plain_norm = _grad_norm(engine.module)  # reduced, not yet clipped: what ZeRO reports
+                engine.step()
+                step_losses.append(loss.detach())
+            state.step += 1
+            state.tokens += step_tokens
+            timer.add_tokens(step_tokens)
+            losses.append(torch.stack(step_losses).float().mean().item())
+
+            if logger.is_log_step(state.step):
+                loss_avg = _mean_over_ranks(float(np.mean(losses)), launch.world_size)
+                tokens_per_sec, _ = timer.lap()
+                fpt = flops_per_token(config.model, seq_len)
+                tflops = tflops_per_device(tokens_per_sec, launch.world_size, fpt)
+                grad_norm = engine.get_global_grad_norm()
+                grad_norm = plain_norm if grad_norm is None else float(grad_norm)
+                logger.log_train(state.step, loss_avg, lr, grad_norm, seq_len, state.tokens, tokens_per_sec,
+                                 tflops, mfu(tokens_per_sec / launch.world_size, fpt, peak))
+                losses = []
+            if logger.is_eval_step(state.step) and valid_ds is not None:
+                logger.log_eval(state.step, evaluate(engine, valid_ds, config, launch, dp_size), state.tokens)
+                timer.restart()
+            stopping = _any_rank(stop.received is not None) or (
+                exit_interval is not None and state.step % exit_interval == 0)
+            if state.step % config.checkpoint.save_interval == 0 or stopping:
+                save()
+                saved_at = state.step
+            if stopping:
+                if launch.is_main:
+                    print(f"stopping at step {state.step} (checkpoint saved: {save_dir is not None})", flush=True)
+                break
+        if saved_at != state.step:
+            save()
+    return state
+
+
+def _resume(engine, config: Config, launch: Launch, loader, lr_scheduler, warmup, state: TrainState) -> int | None:
+    """Load the latest checkpoint and restore every counter; returns the resumed step, or None for a fresh
+    start. ``checkpoint.save`` is looked at first (this run's own newer checkpoints, so re-running the same
+    command continues), then ``checkpoint.load`` (where a new run starts from)."""
+    candidates = [d for d in (config.checkpoint.save, config.checkpoint.load) if d is not None]
+    directory = next((d for d in candidates if latest_tag(d) is not None), None)
+    if directory is None:
+        if config.checkpoint.load is not None and launch.is_main:
+            print(f"checkpoint.load={config.checkpoint.load} has no checkpoint: starting from scratch", flush=True)
+        return None
+    client_state = load_checkpoint(engine, directory, launch.rank)
+    if CLIENT_STATE_KEY not in client_state:
+        raise ValueError(f"the checkpoint in {directory} has no {CLIENT_STATE_KEY!r} state: it was not written by "
+                         "megagpt/pretrain.py; start a fresh run with another --save directory")
+    client_state = client_state[CLIENT_STATE_KEY]
+    loader.load_state_dict(client_state["loader"])
+    lr_scheduler.load_state_dict(client_state["lr_scheduler"])
+    warmup.load_state_dict(client_state["seq_len_warmup"])
+    state.step, state.tokens = int(client_state["step"]), int(client_state["tokens"])
+    changed = _changed_fields(client_state["config"], config.to_dict())
+    if changed and launch.is_main:
+        print(f"note: resuming with config values changed since the checkpoint: {', '.join(changed)}", flush=True)
+    if launch.is_main:
+        print(f"resumed from {directory} at step {state.step} ({state.tokens:,} tokens)", flush=True)
+    return state.step
+
+
+def _changed_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted names whose values differ between two config dicts."""
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+__all__ = ["TrainState", "StopSignal", "build_datasets", "build_schedules", "evaluate", "micro_loss", "train"]
