@@ -140,3 +140,17 @@ def load_checkpoint(engine, directory: str | os.PathLike, rank: int) -> dict | N
                          "resume with the same world size")
     set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state
+
+
+def resolve_model_states(path: str | os.PathLike) -> tuple[Path, Path]:
+    """For a training ``--save`` directory (its ``latest``) or one step directory: the DeepSpeed model-states
+    file and the resolved config beside it. Only single-shard (tp = pp = 1) checkpoints hold the whole model."""
+    path = Path(path)
+    step_dir = path
+    if (path / LATEST).exists():
+        step_dir = path / latest_tag(path)
+    states = step_dir / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise ValueError(f"{path} is neither a training save directory with a 'latest' file nor a step directory "
+                         f"holding mp_rank_00_model_states.pt")
+    return states, step_dir / "config.json"

@@ -173,8 +173,14 @@ def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, *, nu
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict safely: ``.safetensors`` with safetensors, anything else with ``weights_only=True``."""
+    """Read a state dict safely: ``.safetensors`` with safetensors, anything else with ``weights_only=True``;
+    a training save directory (or one of its step directories) gives the model weights of its checkpoint."""
     path = Path(path)
+    if path.is_dir():
+        from megagpt.checkpoint import resolve_model_states
+
+        states, _ = resolve_model_states(path)
+        return torch.load(states, map_location="cpu", weights_only=True)["module"]
     if not path.is_file():
         raise ValueError(f"checkpoint file {path} does not exist")
     if path.suffix == ".safetensors":
@@ -187,9 +193,17 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_model(checkpoint: str | Path, model_config: str | Path, *, device: str | torch.device = "cpu",
+def load_model(checkpoint: str | Path, model_config: str | Path | None = None, *, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, attention_backend: str | None = None) -> GPT:
-    """Build a GPT from a JSON ModelConfig and load its weights; returns it in eval mode."""
+    """Build a GPT from a JSON ModelConfig and load its weights; returns it in eval mode.
+
+    ``model_config`` may be omitted for a training checkpoint directory: the config saved beside it is used."""
+    if model_config is None:
+        if not Path(checkpoint).is_dir():
+            raise ValueError(f"--model-config is needed for the weights file {checkpoint}")
+        from megagpt.checkpoint import resolve_model_states
+
+        model_config = resolve_model_states(checkpoint)[1]
     config = load_model_config(model_config)
     if attention_backend is not None:
         config = dataclasses.replace(config, attention_backend=attention_backend)

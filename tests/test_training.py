@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import torch.distributed as dist
 
@@ -79,6 +80,14 @@ def test_train_then_resume_repeats_the_uninterrupted_run_bitwise(tiny_run):
     assert sorted(p.name for p in whole.iterdir() if p.is_dir()) == ["step15", "step20"]
     assert load_config(whole / "step20" / "config.json").to_dict() == load_config(
         config, [f"checkpoint.save={whole}"]).to_dict()
+
+    # generation reads the trained weights and the config saved beside them straight from the save directory
+    from megagpt.generate import generate, load_model
+    model = load_model(whole)
+    assert model.config == load_config(whole / "step20" / "config.json").model
+    saved = torch.load(whole / "step20" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert len(generate(model, [1, 2, 3], 5, temperature=0.0)[0]) == 5
 
     # --load starts a new run from another run's checkpoint (here the finished one: nothing left to train)
     loaded = run_pretrain(["--config", str(config), "--load", str(whole), "--save", str(root / "other")],

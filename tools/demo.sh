@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end, on the corpus shipped in data/ (Shakespeare, public domain), nanoGPT's
-# shakespeare_char setting. Stage implemented so far: ftfy-clean + tokenize into Megatron indexed datasets.
+# shakespeare_char setting: preprocess -> train on 2 data-parallel ranks with DeepSpeed (CPU or GPU) ->
+# checkpoint and stop half-way -> the same command again resumes -> validation perplexity -> a sample.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
@@ -9,4 +10,18 @@ python tools/preprocess_data.py \
   --input data/shakespeare/tinyshakespeare.txt --txt-separator '\n\n' \
   --tokenizer-type CharLevelTokenizer --build-char-vocab --vocab-file out/demo/chars.json \
   --output-prefix out/demo/shakespeare --append-eod --workers 2 --overwrite
-python tools/dataset_info.py out/demo/shakespeare_text_document --split 90,10,0 --seq-len 256
+python tools/dataset_info.py out/demo/shakespeare_text_document --split 90,10,0 --seq-len 128
+
+rm -rf out/demo/run   # a fresh run each time the demo is started
+train=(deepspeed --num_gpus 2 megagpt/pretrain.py --config configs/tiny.json --save out/demo/run
+       --train-iters 200 --eval-interval 100 --set batch.micro_batch=8 --set schedule.warmup_iters=20)
+echo "== training, stopping after the checkpoint at step 100 (as if the job were preempted)"
+"${train[@]}" --exit-interval 100
+echo "== the same command again: resumes from out/demo/run/latest and finishes"
+"${train[@]}"
+echo "== validation loss and perplexity (out/demo/run/metrics.jsonl):"
+grep valid_loss out/demo/run/metrics.jsonl
+python tools/plot_metrics.py --metrics out/demo/run/metrics.jsonl --output out/demo/run/metrics.png --overwrite
+echo "== a sample from the trained model"
+python tools/generate.py --checkpoint out/demo/run --tokenizer-type CharLevelTokenizer \
+  --vocab-file out/demo/chars.json --prompt "ROMEO:" --max-new-tokens 200 --top-k 20 --seed 1

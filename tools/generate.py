@@ -23,8 +23,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", required=True,
-                   help="state dict: .safetensors (or a torch file, loaded weights-only)")
-    g.add_argument("--model-config", required=True, help="JSON ModelConfig (or a full config with a 'model' section)")
+                   help="state dict: .safetensors (or a torch file, loaded weights-only), or a training --save "
+                        "directory / step directory (tp = pp = 1)")
+    g.add_argument("--model-config", default=None,
+                   help="JSON ModelConfig (or a full config with a 'model' section); default for a training "
+                        "checkpoint: the config saved beside it")
     g.add_argument("--attention-backend", default=None,
                    help="override the config's attention backend (triton, flex, sdpa, reference, flash)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
