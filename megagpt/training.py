@@ -195,17 +195,19 @@ def train(config: Config, engine, launch: Launch, exit_interval: int | None = No
             for rows in micro_batches:
                 loss = micro_loss(engine, rows, launch.device)
                 engine.backward(loss)
-                if engine.is_gradient_accumulation_boundary() and _plain_fp32_engine(engine):
+                if (engine.is_gradient_accumulation_boundary() and logger.is_log_step(state.step + 1)
+                        and _plain_fp32_engine(engine)):
                     plain_norm = _grad_norm(engine.module)  # reduced, not yet clipped: what ZeRO reports
                 engine.step()
                 step_losses.append(loss.detach())
             state.step += 1
             state.tokens += step_tokens
             timer.add_tokens(step_tokens)
-            losses.append(torch.stack(step_losses).float().mean().item())
+            # kept on the device: reading it back (.item()) every step would sync the GPU each step
+            losses.append(torch.stack(step_losses).float().mean())
 
             if logger.is_log_step(state.step):
-                loss_avg = _mean_over_ranks(float(np.mean(losses)), launch.world_size)
+                loss_avg = _mean_over_ranks(float(np.mean([x.item() for x in losses])), launch.world_size)
                 tokens_per_sec, _ = timer.lap()
                 fpt = flops_per_token(config.model, seq_len)
                 tflops = tflops_per_device(tokens_per_sec, launch.world_size, fpt)
