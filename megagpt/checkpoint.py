@@ -27,9 +27,11 @@ import torch
 import torch.distributed as dist
 
 from megagpt.config import Config, save_resolved
+from megagpt.zero_checkpoint import load_zero_state, read_zero_state, zero_shard_files
 
 LATEST = "latest"
 _TAG = re.compile(r"^step(\d+)$")
+_RNG_FILE = re.compile(r"^rng_rank(\d+)\.pt$")
 
 
 def step_tag(step: int) -> str:
@@ -125,21 +127,60 @@ def save_checkpoint(engine, directory: str | os.PathLike, step: int, client_stat
     return tag
 
 
-def load_checkpoint(engine, directory: str | os.PathLike, rank: int) -> dict | None:
+def saved_world_size(step_dir: str | os.PathLike) -> int:
+    """How many ranks wrote the checkpoint in ``step_dir`` (one RNG file each)."""
+    return sum(1 for p in Path(step_dir).iterdir() if _RNG_FILE.match(p.name))
+
+
+def load_checkpoint(engine, directory: str | os.PathLike, rank: int, world_size: int,
+                    seed: int) -> dict | None:
     """Load the checkpoint ``directory/latest`` names into ``engine``; return its client state, or None when
-    the directory has no checkpoint. Restores this rank's RNG states last (loading may draw from them)."""
+    the directory has no checkpoint.
+
+    Written by the same number of ranks: everything, RNG states included, is restored exactly.
+    Written by another data-parallel size: ZeRO-1/2 optimizer shards are resharded
+    (megagpt/zero_checkpoint.py; DeepSpeed itself refuses), ZeRO-0 state is whole anyway; the RNG
+    streams (dropout) of the old ranks cannot be mapped onto the new ones, so each rank is reseeded
+    from (seed, step, rank): deterministic, but not the stream the old layout would have drawn.
+    """
     tag = latest_tag(directory)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+    step_dir = Path(directory) / tag
+    shards = zero_shard_files(step_dir)
+    dp_size = engine.dp_world_size
+    reshard = bool(shards) and len(shards) != dp_size
+    if bool(shards) != bool(engine.zero_optimization()):
+        raise ValueError(f"{step_dir} was written {'with' if shards else 'without'} ZeRO optimizer shards and this "
+                         f"run has parallel.zero_stage={engine.zero_optimization_stage()}; resume with the "
+                         "zero_stage the checkpoint was written with (see its config.json)")
+    if reshard:
+        if engine.zero_optimization_stage() not in (1, 2):
+            raise ValueError(f"{step_dir} was written by {len(shards)} data-parallel ranks and this run has "
+                             f"{dp_size} under ZeRO-{engine.zero_optimization_stage()}: only ZeRO-1/2 checkpoints "
+                             "change their data-parallel size; resume with the same world size")
+        path, client_state = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=False)
+        load_zero_state(engine, read_zero_state(step_dir))
+    else:
+        path, client_state = engine.load_checkpoint(str(directory), tag=tag)
     if path is None:
         raise ValueError(f"DeepSpeed could not load checkpoint {tag!r} from {directory}")
-    rng_file = Path(directory) / tag / f"rng_rank{rank}.pt"
-    if not rng_file.exists():
-        raise ValueError(f"{rng_file} is missing: the checkpoint was written by another number of ranks; "
-                         "resume with the same world size")
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    if saved_world_size(step_dir) == world_size:
+        set_rng_state(torch.load(step_dir / f"rng_rank{rank}.pt", weights_only=False))
+    else:
+        step = int(_TAG.match(tag).group(1))
+        _reseed(seed * 1_000_003 + step * 1_009 + rank)
+        if rank == 0:
+            print(f"note: {step_dir} was written by {saved_world_size(step_dir)} ranks, this run has {world_size}"
+                  f"{' (ZeRO optimizer state resharded)' if reshard else ''}; RNG streams reseeded per rank",
+                  flush=True)
     return client_state
+
+
+def _reseed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def resolve_model_states(path: str | os.PathLike) -> tuple[Path, Path]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +73,8 @@ def init_distributed(launch: Launch) -> None:
         _skip_shm_op_build()
         backend = "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if launch.is_main:
+        print(f"started process group: world size {launch.world_size}, backend {backend}", flush=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -81,23 +84,43 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def check_device_support(config: Config, device: torch.device) -> None:
+    """Refuse settings that cannot work on ``device`` (the config checks cannot know the device)."""
+    if config.parallel.precision == "fp16" and device.type == "cpu":
+        # DeepSpeed's CPU accelerator says so itself, but only deep inside deepspeed.initialize
+        raise ValueError("parallel.precision='fp16' on CPU: DeepSpeed's CPU accelerator does not support fp16 "
+                         "(loss-scaled fp16 is a CUDA mode); use precision='bf16' or 'fp32' on CPU")
+    if config.parallel.compile and config.parallel.precision == "bf16" and device.type == "cpu":
+        # torch 2.13's Inductor C++ backend emits invalid code for a bf16 backward reduction
+        # ("conflicting declaration 'auto at_BFloat16_tmp_acc0_vec'"); CUDA uses Triton codegen instead.
+        raise ValueError("parallel.compile=true with parallel.precision='bf16' on CPU: Inductor's C++ backend "
+                         "fails to build bf16 backward kernels; use precision='fp32' or compile=false on CPU")
+
+
 def build_engine(config: Config, launch: Launch):
     """The DeepSpeed engine for ``config``: GPT + param groups + client optimizer + ``deepspeed.initialize``.
 
     Call after ``init_distributed``. Returns the engine (``engine.module`` is the GPT). The 8-bit
     optimizers get 32-bit state for the embedding group, marked on the engine's optimizer after
     initialize (ZeRO replaces the parameters by flat partitions, see megagpt/optim/optimizers.py).
+
+    ``parallel.activation_checkpointing`` is a GPT switch; ``parallel.compile`` calls
+    ``engine.compile()`` after initialize, which compiles ``engine.module`` in place
+    (``nn.Module.compile``): the engine keeps its hooks around the compiled forward, and state dict
+    keys and checkpoints stay those of the plain model. Dynamo compiles lazily, on the first forward.
     """
     import deepspeed
 
     from megagpt.model import GPT
+    from megagpt.model.attention import resolve_backend
     from megagpt.optim import build_optimizer, build_param_groups, keep_embedding_state_32bit
 
     if config.parallel.tp > 1 or config.parallel.pp > 1:
         raise ValueError(f"parallel.tp={config.parallel.tp}, parallel.pp={config.parallel.pp}: pretrain.py "
                          "trains data-parallel only so far; set parallel.tp=1 and parallel.pp=1")
+    check_device_support(config, launch.device)
     seed_everything(config.seed)
-    model = GPT(config.model).to(launch.device)
+    model = GPT(config.model, activation_checkpointing=config.parallel.activation_checkpointing).to(launch.device)
     opt = config.optimizer
     groups = build_param_groups(model, opt.weight_decay, decay_embeddings=opt.decay_embeddings,
                                 decay_norms_and_biases=opt.decay_norms_and_biases)
@@ -106,4 +129,10 @@ def build_engine(config: Config, launch: Launch):
                                            config=deepspeed_config(config, launch.world_size))
     if opt.uses_bitsandbytes:
         keep_embedding_state_32bit(engine.optimizer)
+    if config.parallel.compile:
+        if resolve_backend(config.model.attention_backend, launch.device) == "triton":
+            warnings.warn("parallel.compile with the triton attention backend: Dynamo cannot trace the kernel, so "
+                          "every attention call is a graph break (with activation checkpointing the blocks then "
+                          "run mostly eagerly); see docs/model.md", stacklevel=2)
+        engine.compile()
     return engine

@@ -109,6 +109,13 @@ def dry_run_report(config: Config, world_size: int) -> str:
     return "\n".join(lines)
 
 
+def _config_error(err: ValueError) -> int:
+    """Report a config error (once: every rank of a launch fails the same way) and return exit status 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"config error: {err}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, validate, then dry-run or train. Returns the exit status."""
     args = parse_args(argv)
@@ -123,16 +130,19 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"parallel.tp={config.parallel.tp}, parallel.pp={config.parallel.pp}: pretrain.py "
                              "trains data-parallel only so far; set both to 1")
     except ValueError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+        return _config_error(err)
     if args.dry_run:
         print(dry_run_report(config, world_size))
         return 0
 
-    from megagpt.engine import build_engine, init_distributed, launch_from_env
+    from megagpt.engine import build_engine, check_device_support, init_distributed, launch_from_env
     from megagpt.training import train
 
-    launch = launch_from_env(args.device)
+    try:
+        launch = launch_from_env(args.device)
+        check_device_support(config, launch.device)
+    except ValueError as err:
+        return _config_error(err)
     init_distributed(launch)
     if launch.is_main:
         print(format_config(config), flush=True)

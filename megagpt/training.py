@@ -243,7 +243,7 @@ def _resume(engine, config: Config, launch: Launch, loader, lr_scheduler, warmup
         if config.checkpoint.load is not None and launch.is_main:
             print(f"checkpoint.load={config.checkpoint.load} has no checkpoint: starting from scratch", flush=True)
         return None
-    client_state = load_checkpoint(engine, directory, launch.rank)
+    client_state = load_checkpoint(engine, directory, launch.rank, launch.world_size, config.seed)
     if CLIENT_STATE_KEY not in client_state:
         raise ValueError(f"the checkpoint in {directory} has no {CLIENT_STATE_KEY!r} state: it was not written by "
                          "megagpt/pretrain.py; start a fresh run with another --save directory")

@@ -41,3 +41,10 @@ def gcide_docs(gcide_path):
             *lines, buf = buf.split(b"\n")
             docs.extend(json.loads(line)["text"] for line in lines if line.strip())
     return docs[:400]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(root, config path) of a tiny learnable dataset and 2-layer GPT config (testing_utils.make_tiny_run)."""
+    from testing_utils import make_tiny_run
+    return make_tiny_run(tmp_path_factory.mktemp("tiny_run"))

@@ -13,3 +13,90 @@ def load_script(relative_path: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# --- training runs in subprocesses (tests/test_training.py, test_resume.py, test_data_parallel.py) ---
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+PRETRAIN = str(REPO / "megagpt" / "pretrain.py")
+KILLING_PRETRAIN = str(REPO / "tests" / "sigkill_pretrain.py")
+LOGGED = ("step", "loss", "lr", "grad_norm", "seq_len", "tokens", "valid_loss")
+
+
+def make_tiny_run(root: Path) -> tuple[Path, Path]:
+    """A learnable tiny dataset (documents counting up mod 60) under ``root`` and a config for a 2-layer,
+    d_model 32 GPT that trains 20 steps of 8 x 32 tokens with gradient accumulation 2 on one rank."""
+    import numpy as np
+    from megagpt.data.indexed import IndexedDatasetWriter
+
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(root / "counting") as writer:
+        for _ in range(200):
+            length, start = int(rng.integers(20, 80)), int(rng.integers(0, 60))
+            writer.add_document((start + np.arange(length)) % 60)
+    config = {
+        "model": {"vocab_size": 64, "seq_len": 32, "d_model": 32, "num_layers": 2, "num_heads": 2,
+                  "make_vocab_size_divisible_by": 64},
+        "data": {"data_path": [str(root / "counting")], "split": "90,10,0", "num_workers": 0},
+        "optimizer": {"kind": "adamw", "lr": 3e-3, "min_lr": 3e-4},
+        "schedule": {"train_iters": 20, "warmup_iters": 2},
+        "batch": {"micro_batch": 4, "global_batch": 8},
+        "parallel": {"zero_stage": 0, "precision": "fp32"},
+        "checkpoint": {"save_interval": 5, "keep_last": 2},
+        "logging": {"log_interval": 1, "eval_interval": 10, "eval_iters": 2},
+    }
+    path = root / "tiny.json"
+    path.write_text(json.dumps(config))
+    return root, path
+
+
+def _clean_env(**extra: str) -> dict:
+    """The environment for a training subprocess: one thread (torchrun pins it, deepspeed does not, and
+    float results depend on it), no inherited rank variables."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        if key not in extra:
+            env.pop(key, None)
+    return env
+
+
+def pretrain_command(launcher: str, args: list[str], port: int, script: str = PRETRAIN) -> list[str]:
+    """``python SCRIPT`` (one process), ``deepspeed`` or ``torchrun`` with 2 CPU ranks."""
+    if launcher == "python":
+        return [sys.executable, script, *args]
+    if launcher == "deepspeed":
+        return ["deepspeed", "--num_gpus", "2", "--master_port", str(port), script, *args]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                script, *args]
+    raise ValueError(launcher)
+
+
+def run_training(launcher: str, args: list[str], port: int, *, script: str = PRETRAIN, timeout: int = 180,
+                 expect: int | None = 0, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run pretrain.py (or ``script``) under ``launcher`` in its own session (so a test can kill the whole
+    process group); assert the exit status is ``expect`` unless None."""
+    extra = {"MASTER_PORT": str(port), "MASTER_ADDR": "127.0.0.1"} if launcher == "python" else {}
+    command = pretrain_command(launcher, args, port, script)
+    result = subprocess.run(command, env=_clean_env(**extra, **(env or {})), capture_output=True, text=True,
+                            timeout=timeout, cwd=REPO, start_new_session=True)
+    if expect is not None:
+        assert result.returncode == expect, (f"{command} exited {result.returncode}, expected {expect}:\n"
+                                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def logged_numbers(records: list[dict]) -> list[dict]:
+    """The numbers of metrics records that must repeat exactly between equivalent runs (not times)."""
+    return [{k: r[k] for k in LOGGED if k in r} for r in records]
+
+
+def losses(records: list[dict], key: str = "loss") -> list[float]:
+    return [r[key] for r in records if key in r]

@@ -188,7 +188,12 @@ class BatchConfig(_Section):
 
 @dataclass(frozen=True)
 class ParallelConfig(_Section):
-    """Parallel layout and numerics; the data-parallel size is what the world size leaves."""
+    """Parallel layout and numerics; the data-parallel size is what the world size leaves.
+
+    ``activation_checkpointing``: recompute each transformer block during backward instead of keeping
+    its activations (megagpt/model/gpt.py). ``compile``: ``torch.compile`` (Inductor) the model through
+    DeepSpeed's ``engine.compile()``; refused with ZeRO-3 here and with bf16 on CPU (megagpt/engine.py).
+    """
 
     SECTION = "parallel"
     tp: int = 1
@@ -203,6 +208,11 @@ class ParallelConfig(_Section):
         _check_positive_int("parallel", "pp", self.pp)
         self._choice("zero_stage", ZERO_STAGES)
         self._choice("precision", PRECISIONS)
+        if self.compile and self.zero_stage == 3:
+            # Checked with DeepSpeed 0.19.8 on CPU: Dynamo traces ZeRO-3's partitioned (empty) parameters instead of
+            # the gathered ones and fails ("size mismatch, got input (32xs94), vec (0)").
+            raise ValueError("parallel.compile=true with parallel.zero_stage=3: DeepSpeed's engine.compile does "
+                             "not work with ZeRO-3 partitioned parameters; use zero_stage <= 2 or compile=false")
 
     def dp_size(self, world_size: int) -> int:
         """Data-parallel size ``world_size / (tp * pp)``; ValueError when it does not divide."""

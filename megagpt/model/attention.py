@@ -159,6 +159,12 @@ def _import_triton_kernel():
     return alibi_flash_attention
 
 
+# Dynamo cannot trace our launcher (``TritonKernel`` picks interpreter or compiler at launch time and
+# patches triton.language; under the interpreter Dynamo fails inside triton's numpy code). So under
+# torch.compile the attention call is a graph break and runs eagerly, with its own autograd backward,
+# while the code around it is compiled in pieces. Registering the kernel as a torch.library custom op
+# would remove the break; that needs doing and measuring on a GPU (docs/model.md).
+@torch.compiler.disable
 def triton_attention(q, k, v, slopes, softmax_scale):
     """``megagpt.kernels.alibi_flash_attention``; zero slopes give plain causal attention.
 

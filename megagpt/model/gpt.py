@@ -7,6 +7,10 @@ into DeepSpeed ``LayerSpec``/``TiedLayerSpec`` objects. All linears and the voca
 from a ``LayerFactory`` (megagpt/model/layers.py), so tensor-parallel versions drop in without
 touching this file. The model never imports deepspeed and never reads config inside ``forward``.
 
+Activation checkpointing is applied by whoever runs the list, around each ``Block``: ``GPT.forward``
+here, ``PipelineModule(activation_checkpoint_interval=1, checkpointable_layers=CHECKPOINTABLE_LAYERS)``
+for a pipeline. ``Block`` itself never checkpoints, so the two can never nest.
+
 Tensor layouts: tokens ``[batch, seq]``; hidden states ``[batch, seq, d_model]``; logits
 ``[batch, seq, vocab_size]`` (padding columns of the padded vocab are never returned).
 """
@@ -19,11 +23,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megagpt.config import ModelConfig
 from megagpt.model.alibi import alibi_slopes
 from megagpt.model.attention import causal_attention, check_backend_installed
 from megagpt.model.layers import LayerFactory
+
+
+# Class names of the layers that activation checkpointing wraps. DeepSpeed's PipelineModule needs this
+# list (``checkpointable_layers``): without it, it checkpoints every layer that has parameters, the
+# Embedding with its integer tokens included, and fails ("element 0 of tensors does not require grad").
+CHECKPOINTABLE_LAYERS = ("Block",)
 
 
 def _residual_init_std(config: ModelConfig) -> float:
@@ -107,9 +118,14 @@ class SelfAttention(nn.Module):
     def _slopes_for(self, device: torch.device) -> torch.Tensor | None:
         if self.slopes is None:
             return None
-        if device not in self._slopes_on_device:
-            self._slopes_on_device[device] = self.slopes.to(device)
-        return self._slopes_on_device[device]
+        slopes = self._slopes_on_device.get(device)
+        if slopes is None:
+            slopes = self.slopes.to(device)
+            # Under torch.compile, filling the cache is a side effect that Dynamo refuses inside a checkpointed
+            # block (it falls back to eager for the whole forward); the compiled graph holds the copy anyway.
+            if not torch.compiler.is_compiling():
+                self._slopes_on_device[device] = slopes
+        return slopes
 
     def forward(self, hidden: torch.Tensor, kv_cache: Any = None) -> torch.Tensor:
         """``kv_cache``: this layer's cache, an object whose ``append(k, v)`` returns all keys and values."""
@@ -208,11 +224,18 @@ class GPT(nn.Module):
 
     Parameters live in ``self.layers`` (built from ``gpt_layer_specs``); a tied head is not stored
     twice, so the state dict holds each tensor once.
+
+    ``activation_checkpointing``: when true, a training forward (``self.training``, grad enabled, no
+    KV cache) keeps only each Block's input and recomputes the Block's activations during backward
+    (``torch.utils.checkpoint``, non-reentrant). It is a runtime switch, not part of ``ModelConfig``:
+    it trades compute for memory and computes the same values; eval, generation and weights are unaffected.
     """
 
-    def __init__(self, config: ModelConfig, layers: LayerFactory | None = None):
+    def __init__(self, config: ModelConfig, layers: LayerFactory | None = None, *,
+                 activation_checkpointing: bool = False):
         super().__init__()
         self.config = config
+        self.activation_checkpointing = activation_checkpointing
         self.layers = nn.ModuleList()
         built_by_key: dict[str, int] = {}
         for spec in gpt_layer_specs(config, layers):
@@ -250,8 +273,17 @@ class GPT(nn.Module):
         """
         start_pos = 0 if kv_cache is None else kv_cache.length
         hidden = self.embedding(tokens, start_pos)
+        # Checkpoint only when a backward can follow: in eval or under no_grad nothing is saved anyway,
+        # and a KV cache is appended to in forward, so a recompute would append twice.
+        recompute = (self.activation_checkpointing and self.training and kv_cache is None
+                     and torch.is_grad_enabled())
         for i, block in enumerate(self.blocks):
-            hidden = block(hidden, None if kv_cache is None else kv_cache.layers[i])
+            if recompute:
+                # use_reentrant=False: works when the block input needs no grad, supports torch.compile;
+                # preserve_rng_state (default True) replays the same dropout masks on recompute.
+                hidden = checkpoint(block, hidden, use_reentrant=False)
+            else:
+                hidden = block(hidden, None if kv_cache is None else kv_cache.layers[i])
         return self.head(self.final_norm(hidden))
 
     def num_parameters(self) -> int:

@@ -164,6 +164,34 @@ def test_triton_model_built_for_512_runs_at_2048_positions():
                                    atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("activation_checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("backend", ["sdpa", triton_param])
+def test_compiled_model_matches_eager(backend, activation_checkpointing):
+    """``parallel.compile`` compiles the model in place (``nn.Module.compile``, what DeepSpeed's engine.compile
+    calls). The triton backend is excluded from tracing (a graph break; its launcher is not traceable, and
+    under the CPU interpreter Dynamo would trace into triton's numpy code), so it must still run and agree.
+    Both with and without activation checkpointing: a failed trace inside a checkpointed block falls back
+    to eager for that block, which would hide a triton tracing failure."""
+    torch._dynamo.reset()  # a fresh Dynamo cache: no compiled code from other tests is reused
+    torch.manual_seed(0)
+    config = _tiny_config(attention_backend=backend)
+    eager = GPT(config).to(DEVICE)
+    compiled = GPT(config, activation_checkpointing=activation_checkpointing).to(DEVICE)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile()
+    tokens = torch.randint(0, config.vocab_size, (2, 24), device=DEVICE)
+    targets = torch.randint(0, config.vocab_size, (2, 24), device=DEVICE)
+    want = language_model_loss(eager(tokens), targets)
+    got = language_model_loss(compiled(tokens), targets)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for (name, param), ref in zip(compiled.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(param.grad, ref.grad, atol=1e-5, rtol=1e-3, msg=lambda m: f"grad of {name}: {m}")
+    torch._dynamo.reset()
+
+
 def test_learned_positions_refuse_to_extrapolate():
     model = GPT(_tiny_config(seq_len=512, num_layers=1, position="learned"))
     with pytest.raises(ValueError, match="learned' covers 512 positions"):

@@ -234,3 +234,104 @@ def test_dropout_is_active_in_training_only():
     assert not torch.allclose(model.train()(tokens), model(tokens))
     model.eval()
     torch.testing.assert_close(model(tokens), model(tokens), atol=0, rtol=0)
+
+
+# ---- activation checkpointing -------------------------------------------------------------------
+def loss_and_grads(config: ModelConfig, tokens: torch.Tensor, activation_checkpointing: bool, count_saved=None):
+    """Loss and parameter gradients of one training step of a freshly seeded model; the dropout seed is
+    reset before the forward so both runs draw the same masks. ``count_saved(tensor)`` sees every tensor
+    autograd keeps for backward."""
+    from megagpt.model import language_model_loss
+
+    torch.manual_seed(0)
+    model = GPT(config, activation_checkpointing=activation_checkpointing).train()
+    torch.manual_seed(1)
+    hooks = torch.autograd.graph.saved_tensors_hooks(count_saved or (lambda t: t), lambda t: t)
+    with hooks:
+        loss = language_model_loss(model(tokens[:, :-1]), tokens[:, 1:])
+    loss.backward()
+    return loss, {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("parallel_residual", [True, False])
+def test_activation_checkpointing_gives_bitwise_the_same_loss_and_gradients(dropout, parallel_residual):
+    # The recompute runs the same fp32 CPU ops in the same order with the same RNG state (preserve_rng_state),
+    # so the results are bitwise equal, not merely close.
+    config = tiny(dropout=dropout, parallel_residual=parallel_residual)
+    tokens = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(2))
+    loss, grads = loss_and_grads(config, tokens, activation_checkpointing=False)
+    loss_ckpt, grads_ckpt = loss_and_grads(config, tokens, activation_checkpointing=True)
+    assert torch.equal(loss, loss_ckpt)
+    assert grads.keys() == grads_ckpt.keys()
+    for name in grads:
+        assert torch.equal(grads[name], grads_ckpt[name]), name
+    if dropout:  # dropout really acted: the loss differs from the dropout-free model's
+        assert not torch.equal(loss, loss_and_grads(tiny(parallel_residual=parallel_residual), tokens, False)[0])
+
+
+def test_activation_checkpointing_keeps_only_each_blocks_input():
+    """Per extra Block, autograd keeps at most one hidden state (the block input that checkpoint stores for
+    the recompute) instead of every intermediate activation, so this fails if checkpointing is silently off."""
+    batch, seq = 2, 16
+    tokens = torch.randint(0, 300, (batch, seq + 1), generator=torch.Generator().manual_seed(2))
+    hidden_numel = batch * seq * TINY["d_model"]
+
+    def saved_numel(num_layers, activation_checkpointing):
+        total = [0]
+
+        def count(tensor):
+            total[0] += tensor.numel()
+            return tensor
+
+        loss_and_grads(tiny(num_layers=num_layers, dropout=0.1), tokens, activation_checkpointing, count)
+        return total[0]
+
+    per_block_checkpointed = (saved_numel(4, True) - saved_numel(2, True)) / 2
+    per_block_plain = (saved_numel(4, False) - saved_numel(2, False)) / 2
+    assert 0 < per_block_checkpointed <= hidden_numel
+    assert per_block_plain > 10 * hidden_numel
+
+
+def test_activation_checkpointing_only_in_training_with_grad_and_without_kv_cache(monkeypatch):
+    from megagpt import generate as generation
+    from megagpt.model import gpt as gpt_module
+
+    calls = []
+    real_checkpoint = gpt_module.checkpoint
+    monkeypatch.setattr(gpt_module, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+    torch.manual_seed(0)
+    model = GPT(tiny(dropout=0.1), activation_checkpointing=True)
+    plain = GPT(tiny(dropout=0.1))
+    plain.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 300, (2, 8))
+
+    model.train()(tokens)
+    assert len(calls) == 2  # one per Block
+    with torch.no_grad():
+        model(tokens)
+    model(tokens, kv_cache=generation.KVCache(2, 8))  # a cache is appended to in forward: never recomputed
+    model.eval()
+    eval_logits = model(tokens)
+    assert len(calls) == 2
+    torch.testing.assert_close(eval_logits, plain.eval()(tokens), atol=0, rtol=0)
+    assert (generation.generate(model, [1, 2, 3], 5, temperature=0) ==
+            generation.generate(plain, [1, 2, 3], 5, temperature=0))
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("position", ["alibi", "learned"])
+def test_training_forward_compiles_to_one_graph(position, activation_checkpointing):
+    """``parallel.compile`` only pays off without graph breaks. A side effect inside a checkpointed block (such
+    as filling a cache) makes Dynamo give up on the whole forward and run it eagerly, silently."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    model = GPT(tiny(position=position, dropout=0.1), activation_checkpointing=activation_checkpointing).train()
+    counter = torch._dynamo.testing.CompileCounter()  # counts the graphs Dynamo hands to the backend
+    compiled = torch.compile(model, backend=counter)
+    for _ in range(2):
+        compiled(torch.randint(0, 300, (2, 16))).sum().backward()
+    assert counter.frame_count == 1
+    torch._dynamo.reset()

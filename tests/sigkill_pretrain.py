@@ -1,0 +1,58 @@
+"""megagpt/pretrain.py that SIGKILLs its whole process group at a chosen point: tests of crash recovery.
+
+A SIGKILL cannot be caught: no handler, no ``finally``, no flush runs, as when the OOM killer or a
+lost node ends a job. The test starts the launcher in its own session, so the group is the launcher
+and every rank.
+
+``MEGAGPT_TEST_KILL_AFTER_STEP=N``: right after step N's metrics record is written (and before the
+step's checkpoint, if it has one).
+``MEGAGPT_TEST_KILL_IN_SAVE=N``: while checkpoint ``stepN`` is being written: the first of its files
+gets half its bytes, then the kill.
+"""
+import io
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from megagpt import metrics, pretrain
+
+
+def _kill_group() -> None:
+    sys.stdout.flush()
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+if "MEGAGPT_TEST_KILL_AFTER_STEP" in os.environ:
+    _kill_step = int(os.environ["MEGAGPT_TEST_KILL_AFTER_STEP"])
+    _log_train = metrics.MetricsLogger.log_train
+
+    def _log_then_kill(self, step, *args, **kwargs):
+        _log_train(self, step, *args, **kwargs)
+        if step == _kill_step:
+            _kill_group()
+
+    metrics.MetricsLogger.log_train = _log_then_kill
+
+if "MEGAGPT_TEST_KILL_IN_SAVE" in os.environ:
+    _save_tag = f"step{int(os.environ['MEGAGPT_TEST_KILL_IN_SAVE'])}"
+    _torch_save = torch.save
+
+    def _half_save_then_kill(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and _save_tag in Path(f).parts:
+            buffer = io.BytesIO()
+            _torch_save(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()
+            with open(f, "wb") as out:
+                out.write(data[: len(data) // 2])
+                out.flush()
+                os.fsync(out.fileno())
+            _kill_group()
+        return _torch_save(obj, f, *args, **kwargs)
+
+    torch.save = _half_save_then_kill
+
+if __name__ == "__main__":
+    sys.exit(pretrain.main())

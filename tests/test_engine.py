@@ -1,0 +1,114 @@
+"""megagpt/engine.py: build_engine's parallel.activation_checkpointing and parallel.compile options."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from megagpt.config import Config
+from megagpt.engine import Launch, build_engine
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(**parallel) -> Config:
+    return Config.from_dict({
+        "model": {"vocab_size": 64, "seq_len": 16, "d_model": 32, "num_layers": 2, "num_heads": 2,
+                  "make_vocab_size_divisible_by": 64},
+        "data": {"data_path": ["unused"]}, "schedule": {"train_iters": 3},
+        "batch": {"micro_batch": 2, "global_batch": 2},
+        "parallel": {"zero_stage": 1, "precision": "fp32", **parallel}})
+
+
+def test_compile_with_bf16_on_cpu_is_refused_before_anything_is_built():
+    config = tiny_config(compile=True, precision="bf16")
+    with pytest.raises(ValueError, match=r"parallel.compile=true with parallel.precision='bf16' on CPU"):
+        build_engine(config, Launch(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+
+
+def test_fp16_on_cpu_is_refused_before_anything_is_built():
+    config = tiny_config(precision="fp16")
+    with pytest.raises(ValueError, match=r"parallel.precision='fp16' on CPU: DeepSpeed's CPU accelerator"):
+        build_engine(config, Launch(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+
+
+# Three engines in one process, each trained on the same 3 micro batches (the last one shorter, as the
+# sequence-length warmup does, so the compiled model must also handle a new shape), then one eval forward.
+# dropout is 0: Inductor draws dropout masks with its own RNG, so compiled and eager masks differ.
+ENGINE_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from torch._dynamo.utils import counters
+    from megagpt.config import Config
+    from megagpt.engine import build_engine, init_distributed, launch_from_env
+    from megagpt.model import language_model_loss
+
+    def config(**parallel):
+        return Config.from_dict({
+            "model": {"vocab_size": 64, "seq_len": 16, "d_model": 32, "num_layers": 2, "num_heads": 2,
+                      "make_vocab_size_divisible_by": 64, "dropout": 0.0},
+            "data": {"data_path": ["unused"]}, "schedule": {"train_iters": 3},
+            "batch": {"micro_batch": 2, "global_batch": 2},
+            "parallel": {"zero_stage": 1, "precision": "fp32", **parallel}})
+
+    launch = launch_from_env("cpu")
+    init_distributed(launch)
+    plain_keys = None
+    results = {}
+    for name, parallel in (("eager", {}), ("compiled", {"compile": True}),
+                           ("compiled_ckpt", {"compile": True, "activation_checkpointing": True})):
+        counters.clear()
+        engine = build_engine(config(**parallel), launch)
+        keys = sorted(engine.module.state_dict())
+        plain_keys = plain_keys or keys
+        generator = torch.Generator().manual_seed(0)
+        losses = []
+        for length in (16, 16, 8):
+            rows = torch.randint(0, 64, (2, length + 1), generator=generator)
+            loss = language_model_loss(engine(rows[:, :-1]), rows[:, 1:])
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        engine.eval()
+        with torch.no_grad():
+            losses.append(language_model_loss(engine(rows[:, :-1]), rows[:, 1:]).item())
+        results[name] = {
+            "losses": losses, "is_compiled": engine.is_compiled,
+            # nn.Module.compile (what engine.compile calls) installs the compiled forward on the module itself
+            "compiled_forward": engine.module._compiled_call_impl is not None,
+            # breaks, and code Dynamo gave up on and ran eagerly (e.g. a side effect in a checkpointed block)
+            "graph_breaks": sum(counters["graph_break"].values()) + sum(counters["unimplemented"].values()),
+            "activation_checkpointing": engine.module.activation_checkpointing,
+            "same_state_dict_keys": keys == plain_keys,
+        }
+    print("RESULTS " + json.dumps(results))
+""")
+
+
+@pytest.mark.slow
+def test_compiled_engine_trains_like_the_eager_one(tmp_path):
+    script = tmp_path / "engines.py"
+    script.write_text(ENGINE_SCRIPT)
+    # One thread: float results depend on the thread count. PYTHONPATH: this checkout's megagpt, whatever is
+    # installed. A port of its own, so that it never meets another test's process group.
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29701",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS "))
+    results = json.loads(line[len("RESULTS "):])
+    eager = results["eager"]
+    assert not eager["is_compiled"] and not eager["compiled_forward"] and not eager["activation_checkpointing"]
+    for name in ("compiled", "compiled_ckpt"):
+        run = results[name]
+        assert run["is_compiled"] and run["compiled_forward"], name
+        assert run["graph_breaks"] == 0, name  # a break can make Dynamo run the whole forward eagerly
+        assert run["same_state_dict_keys"], name  # checkpoints and generation see the plain model's keys
+        assert run["activation_checkpointing"] == (name == "compiled_ckpt")
+        assert run["losses"] == pytest.approx(eager["losses"], abs=1e-4, rel=0), (name, run, eager)
