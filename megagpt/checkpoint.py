@@ -15,6 +15,7 @@ RNG states are per rank (dropout differs by rank), so they go in per-rank files,
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -147,7 +148,9 @@ def load_checkpoint(engine, directory: str | os.PathLike, rank: int, world_size:
     if tag is None:
         return None
     step_dir = Path(directory) / tag
-    shards = zero_shard_files(step_dir)
+    _check_same_model_parallel_layout(step_dir, engine)
+    mp_rank = engine.mpu.get_model_parallel_rank() if engine.mpu is not None else 0
+    shards = zero_shard_files(step_dir, mp_rank)
     dp_size = engine.dp_world_size
     reshard = bool(shards) and len(shards) != dp_size
     if bool(shards) != bool(engine.zero_optimization()):
@@ -160,7 +163,7 @@ def load_checkpoint(engine, directory: str | os.PathLike, rank: int, world_size:
                              f"{dp_size} under ZeRO-{engine.zero_optimization_stage()}: only ZeRO-1/2 checkpoints "
                              "change their data-parallel size; resume with the same world size")
         path, client_state = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=False)
-        load_zero_state(engine, read_zero_state(step_dir))
+        load_zero_state(engine, read_zero_state(step_dir, mp_rank))
     else:
         path, client_state = engine.load_checkpoint(str(directory), tag=tag)
     if path is None:
@@ -175,6 +178,18 @@ def load_checkpoint(engine, directory: str | os.PathLike, rank: int, world_size:
                   f"{' (ZeRO optimizer state resharded)' if reshard else ''}; RNG streams reseeded per rank",
                   flush=True)
     return client_state
+
+
+def _check_same_model_parallel_layout(step_dir: Path, engine) -> None:
+    """The tensor/pipeline-parallel sizes the checkpoint was written with (its config.json) must be this
+    run's: resharding across them is the converter's job, not the loader's."""
+    saved = json.loads((step_dir / "config.json").read_text()).get("parallel", {})
+    tp = engine.mpu.get_model_parallel_world_size() if engine.mpu is not None else 1
+    pp = getattr(engine, "num_stages", 1)
+    if (saved.get("tp", 1), saved.get("pp", 1)) != (tp, pp):
+        raise ValueError(f"{step_dir} was written with parallel.tp={saved.get('tp', 1)}, parallel.pp="
+                         f"{saved.get('pp', 1)} and this run has tp={tp}, pp={pp}; resume with the same tp and pp "
+                         "(the data-parallel size may change)")
 
 
 def _reseed(seed: int) -> None:

@@ -97,10 +97,23 @@ def check_device_support(config: Config, device: torch.device) -> None:
                          "fails to build bf16 backward kernels; use precision='fp32' or compile=false on CPU")
 
 
-def build_engine(config: Config, launch: Launch):
+def build_process_groups(config: Config, launch: Launch):
+    """This rank's tensor/data/pipeline-parallel groups for ``config.parallel`` (collective: every rank
+    calls it after ``init_distributed``)."""
+    from megagpt.parallel.topology import ProcessGroups, Topology
+
+    par = config.parallel
+    return ProcessGroups(Topology(par.tp, par.pp, par.dp_size(launch.world_size)), launch.rank)
+
+
+def build_engine(config: Config, launch: Launch, groups=None):
     """The DeepSpeed engine for ``config``: GPT + param groups + client optimizer + ``deepspeed.initialize``.
 
-    Call after ``init_distributed``. Returns the engine (``engine.module`` is the GPT). The 8-bit
+    Call after ``init_distributed``; ``groups`` (``build_process_groups``) is needed when
+    ``parallel.tp > 1``: the model is then built from tensor-parallel layers and DeepSpeed gets the
+    groups as its ``mpu`` (gradients averaged over the data-parallel group only; gradient norms summed
+    over tensor-parallel shards). Every rank seeds alike, so each holds exactly its slice of the
+    single-device model. Returns the engine (``engine.module`` is the GPT). The 8-bit
     optimizers get 32-bit state for the embedding group, marked on the engine's optimizer after
     initialize (ZeRO replaces the parameters by flat partitions, see megagpt/optim/optimizers.py).
 
@@ -115,18 +128,27 @@ def build_engine(config: Config, launch: Launch):
     from megagpt.model.attention import resolve_backend
     from megagpt.optim import build_optimizer, build_param_groups, keep_embedding_state_32bit
 
-    if config.parallel.tp > 1 or config.parallel.pp > 1:
-        raise ValueError(f"parallel.tp={config.parallel.tp}, parallel.pp={config.parallel.pp}: pretrain.py "
-                         "trains data-parallel only so far; set parallel.tp=1 and parallel.pp=1")
+    if config.parallel.pp > 1:
+        raise ValueError(f"parallel.pp={config.parallel.pp}: pipeline parallelism is not implemented yet; "
+                         "set parallel.pp=1")
+    tensor_parallel = config.parallel.tp > 1
+    if tensor_parallel and groups is None:
+        raise ValueError("build_engine needs the process groups (build_process_groups) when parallel.tp > 1")
     check_device_support(config, launch.device)
     seed_everything(config.seed)
-    model = GPT(config.model, activation_checkpointing=config.parallel.activation_checkpointing).to(launch.device)
+    factory = None
+    if tensor_parallel:
+        from megagpt.parallel import TensorParallelLayerFactory
+        factory = TensorParallelLayerFactory(groups.tp_group, vocab_size=config.model.vocab_size)
+    model = GPT(config.model, factory,
+                activation_checkpointing=config.parallel.activation_checkpointing).to(launch.device)
     opt = config.optimizer
-    groups = build_param_groups(model, opt.weight_decay, decay_embeddings=opt.decay_embeddings,
-                                decay_norms_and_biases=opt.decay_norms_and_biases)
-    optimizer = build_optimizer(groups, opt.kind, opt.lr, opt.betas, opt.eps, device=launch.device)
+    param_groups = build_param_groups(model, opt.weight_decay, decay_embeddings=opt.decay_embeddings,
+                                      decay_norms_and_biases=opt.decay_norms_and_biases)
+    optimizer = build_optimizer(param_groups, opt.kind, opt.lr, opt.betas, opt.eps, device=launch.device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(config, launch.world_size))
+                                           config=deepspeed_config(config, launch.world_size),
+                                           mpu=groups if tensor_parallel else None)
     if opt.uses_bitsandbytes:
         keep_embedding_state_32bit(engine.optimizer)
     if config.parallel.compile:

@@ -126,16 +126,17 @@ def main(argv: list[str] | None = None) -> int:
             config.batch.gradient_accumulation(config.parallel.dp_size(world_size))
         else:
             validate(config, world_size)
-        if not args.dry_run and (config.parallel.tp > 1 or config.parallel.pp > 1):
-            raise ValueError(f"parallel.tp={config.parallel.tp}, parallel.pp={config.parallel.pp}: pretrain.py "
-                             "trains data-parallel only so far; set both to 1")
+        if not args.dry_run and config.parallel.pp > 1:
+            raise ValueError(f"parallel.pp={config.parallel.pp}: pipeline parallelism is not implemented yet; "
+                             "set parallel.pp=1")
     except ValueError as err:
         return _config_error(err)
     if args.dry_run:
         print(dry_run_report(config, world_size))
         return 0
 
-    from megagpt.engine import build_engine, check_device_support, init_distributed, launch_from_env
+    from megagpt.engine import (build_engine, build_process_groups, check_device_support, init_distributed,
+                                launch_from_env)
     from megagpt.training import train
 
     try:
@@ -146,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed(launch)
     if launch.is_main:
         print(format_config(config), flush=True)
-    engine = build_engine(config, launch)
-    state = train(config, engine, launch, exit_interval=args.exit_interval)
+    groups = build_process_groups(config, launch)
+    engine = build_engine(config, launch, groups)
+    state = train(config, engine, launch, groups, exit_interval=args.exit_interval)
     if launch.is_main:
         print(f"done: step {state.step}, {state.tokens:,} tokens", flush=True)
     return 0

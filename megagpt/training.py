@@ -9,6 +9,7 @@ uninterrupted one bit for bit.
 """
 from __future__ import annotations
 
+import math
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -20,7 +21,6 @@ import torch.distributed as dist
 from megagpt.checkpoint import latest_tag, load_checkpoint, save_checkpoint
 from megagpt.config import Config
 from megagpt.engine import Launch
-from megagpt.model import language_model_loss
 from megagpt.optim import LRSchedule, LRScheduler, SeqLenSchedule, SeqLenWarmup
 
 
@@ -122,25 +122,37 @@ def _plain_fp32_engine(engine) -> bool:
     return not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
 
 
-def _grad_norm(module: torch.nn.Module) -> float:
-    """L2 norm over every parameter gradient of ``module``."""
-    norms = [torch.linalg.vector_norm(p.grad.float()) for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item()
+def _grad_norm(module: torch.nn.Module, tp_group=None) -> float:
+    """L2 norm over every parameter gradient of ``module``; under tensor parallelism the squares of split
+    parameters (``tensor_model_parallel``) are summed over ``tp_group``, replicated ones counted once."""
+    split, replicated = [], []
+    for p in module.parameters():
+        if p.grad is not None:
+            (split if getattr(p, "tensor_model_parallel", False) else replicated).append(p.grad.float())
+
+    def squares(grads):
+        return torch.stack([torch.linalg.vector_norm(g) ** 2 for g in grads]).sum() if grads else torch.zeros(())
+
+    split_squares = squares(split)
+    if tp_group is not None:
+        dist.all_reduce(split_squares, group=tp_group)
+    return math.sqrt((split_squares + squares(replicated)).item())
 
 
 def micro_loss(engine, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Mean next-token loss of one micro batch of rows ``[b, seq_len + 1]``."""
+    """Mean next-token loss of one micro batch of rows ``[b, seq_len + 1]`` (the model's own loss:
+    vocab-parallel under tensor parallelism)."""
     rows = rows.to(device, non_blocking=True)
-    return language_model_loss(engine(rows[:, :-1]), rows[:, 1:])
+    return engine.module.loss(engine(rows[:, :-1]), rows[:, 1:])
 
 
 @torch.no_grad()
-def evaluate(engine, valid_dataset, config: Config, launch: Launch, dp_size: int) -> float:
+def evaluate(engine, valid_dataset, config: Config, launch: Launch, groups) -> float:
     """Mean validation loss over ``eval_iters`` global batches at the full length, averaged over ranks."""
     from megagpt.data.loader import PretrainingLoader
 
-    loader = PretrainingLoader(valid_dataset, config.batch.micro_batch, config.batch.global_batch, dp_size,
-                               launch.rank)
+    loader = PretrainingLoader(valid_dataset, config.batch.micro_batch, config.batch.global_batch,
+                               groups.topology.dp, groups.dp_rank)
     engine.eval()
     losses = [micro_loss(engine, torch.from_numpy(micro), launch.device).item()
               for _ in range(config.logging.eval_iters) for micro in loader.next_step()]
@@ -148,7 +160,7 @@ def evaluate(engine, valid_dataset, config: Config, launch: Launch, dp_size: int
     return _mean_over_ranks(float(np.mean(losses)), launch.world_size)
 
 
-def train(config: Config, engine, launch: Launch, exit_interval: int | None = None) -> TrainState:
+def train(config: Config, engine, launch: Launch, groups, exit_interval: int | None = None) -> TrainState:
     """Train ``engine`` per ``config`` from the latest checkpoint in ``checkpoint.load`` (or ``save``),
     or from scratch. Stops after ``train_iters``, on SIGTERM/SIGINT, or at a multiple of
     ``exit_interval``; saves a checkpoint whenever it stops (when ``checkpoint.save`` is set)."""
@@ -156,9 +168,11 @@ def train(config: Config, engine, launch: Launch, exit_interval: int | None = No
     from megagpt.metrics import (MetricsLogger, flops_per_token, mfu, resolve_peak_tflops, StepTimer,
                                  tflops_per_device)
 
-    dp_size = config.parallel.dp_size(launch.world_size)
+    # tensor-parallel ranks of one data-parallel replica read the same samples
+    dp_size = groups.topology.dp
     train_ds, valid_ds = build_datasets(config, launch)
-    loader = PretrainingLoader(train_ds, config.batch.micro_batch, config.batch.global_batch, dp_size, launch.rank)
+    loader = PretrainingLoader(train_ds, config.batch.micro_batch, config.batch.global_batch, dp_size,
+                               groups.dp_rank)
     lr_scheduler, warmup = build_schedules(config)
     state = TrainState()
     save_dir = config.checkpoint.save
@@ -197,7 +211,8 @@ def train(config: Config, engine, launch: Launch, exit_interval: int | None = No
                 engine.backward(loss)
                 if (engine.is_gradient_accumulation_boundary() and logger.is_log_step(state.step + 1)
                         and _plain_fp32_engine(engine)):
-                    plain_norm = _grad_norm(engine.module)  # reduced, not yet clipped: what ZeRO reports
+                    # reduced, not yet clipped: what ZeRO reports
+                    plain_norm = _grad_norm(engine.module, groups.tp_group if groups.topology.tp > 1 else None)
                 engine.step()
                 step_losses.append(loss.detach())
             state.step += 1
@@ -217,7 +232,7 @@ def train(config: Config, engine, launch: Launch, exit_interval: int | None = No
                                  tflops, mfu(tokens_per_sec / launch.world_size, fpt, peak))
                 losses = []
             if logger.is_eval_step(state.step) and valid_ds is not None:
-                logger.log_eval(state.step, evaluate(engine, valid_ds, config, launch, dp_size), state.tokens)
+                logger.log_eval(state.step, evaluate(engine, valid_ds, config, launch, groups), state.tokens)
                 timer.restart()
             stopping = _any_rank(stop.received is not None) or (
                 exit_interval is not None and state.step % exit_interval == 0)

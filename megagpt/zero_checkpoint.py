@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-_SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+_SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _BNB_WRAPPED = "__bnb_optimizer_quant_state__"  # bitsandbytes nests its tensors under this key
 BNB_BLOCKSIZE = 256  # bitsandbytes' blockwise 8-bit optimizers quantise in blocks of 256
 
@@ -49,13 +49,13 @@ class ZeroState:
     dynamic_loss_scale: bool = False
 
 
-def zero_shard_files(step_dir: str | Path) -> list[Path]:
-    """The ZeRO-1/2 optimizer shard files of a checkpoint step directory, by data-parallel rank
-    (empty for ZeRO-0, whose optimizer state is whole in the model-states file)."""
+def zero_shard_files(step_dir: str | Path, mp_rank: int = 0) -> list[Path]:
+    """The ZeRO-1/2 optimizer shard files of tensor-parallel rank ``mp_rank`` in a checkpoint step
+    directory, by data-parallel rank (empty for ZeRO-0, whose optimizer state is in the model-states file)."""
     found = {}
     for path in Path(step_dir).iterdir():
         match = _SHARD.match(path.name)
-        if match:
+        if match and int(match.group(2)) == mp_rank:
             found[int(match.group(1))] = path
     if found and sorted(found) != list(range(len(found))):
         raise ValueError(f"{step_dir}: ZeRO optimizer shards for ranks {sorted(found)}; some are missing")
@@ -100,9 +100,10 @@ def _quantize(values: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) ->
     return torch.where(nearer_lower, upper - 1, upper).to(torch.uint8), blocks
 
 
-def read_zero_state(step_dir: str | Path) -> ZeroState:
-    """Read every ZeRO-1/2 shard of ``step_dir`` into per-parameter fp32 tensors."""
-    files = zero_shard_files(step_dir)
+def read_zero_state(step_dir: str | Path, mp_rank: int = 0) -> ZeroState:
+    """Read every ZeRO-1/2 shard of tensor-parallel rank ``mp_rank`` in ``step_dir`` into per-parameter
+    fp32 tensors (under tensor parallelism: this rank's slices of the parameters)."""
+    files = zero_shard_files(step_dir, mp_rank)
     if not files:
         raise ValueError(f"{step_dir} holds no ZeRO-1/2 optimizer shards")
     # Our own checkpoints; DeepSpeed pickles enums and dataclasses in them, so weights_only cannot be used.

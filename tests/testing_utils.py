@@ -63,24 +63,24 @@ def _clean_env(**extra: str) -> dict:
     return env
 
 
-def pretrain_command(launcher: str, args: list[str], port: int, script: str = PRETRAIN) -> list[str]:
-    """``python SCRIPT`` (one process), ``deepspeed`` or ``torchrun`` with 2 CPU ranks."""
+def pretrain_command(launcher: str, args: list[str], port: int, script: str = PRETRAIN, ranks: int = 2) -> list[str]:
+    """``python SCRIPT`` (one process), ``deepspeed`` or ``torchrun`` with ``ranks`` CPU ranks."""
     if launcher == "python":
         return [sys.executable, script, *args]
     if launcher == "deepspeed":
-        return ["deepspeed", "--num_gpus", "2", "--master_port", str(port), script, *args]
+        return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), script, *args]
     if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                script, *args]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                "--master_port", str(port), script, *args]
     raise ValueError(launcher)
 
 
 def run_training(launcher: str, args: list[str], port: int, *, script: str = PRETRAIN, timeout: int = 180,
-                 expect: int | None = 0, env: dict | None = None) -> subprocess.CompletedProcess:
+                 expect: int | None = 0, env: dict | None = None, ranks: int = 2) -> subprocess.CompletedProcess:
     """Run pretrain.py (or ``script``) under ``launcher`` in its own session (so a test can kill the whole
     process group); assert the exit status is ``expect`` unless None."""
     extra = {"MASTER_PORT": str(port), "MASTER_ADDR": "127.0.0.1"} if launcher == "python" else {}
-    command = pretrain_command(launcher, args, port, script)
+    command = pretrain_command(launcher, args, port, script, ranks)
     result = subprocess.run(command, env=_clean_env(**extra, **(env or {})), capture_output=True, text=True,
                             timeout=timeout, cwd=REPO, start_new_session=True)
     if expect is not None:

@@ -64,6 +64,13 @@ class Config:
             raise ValueError(f"the deepspeed section may not set keys derived from the config: {where}")
         if model.num_heads % par.tp:
             raise ValueError(f"parallel.tp={par.tp} does not divide model.num_heads={model.num_heads}")
+        if model.padded_vocab_size % par.tp:
+            raise ValueError(f"parallel.tp={par.tp} does not divide the padded vocabulary {model.padded_vocab_size} "
+                             f"(model.vocab_size={model.vocab_size} rounded up to model.make_vocab_size_divisible_by="
+                             f"{model.make_vocab_size_divisible_by}); make that a multiple of {par.tp}")
+        if model.ffn_hidden_size % par.tp:
+            raise ValueError(f"parallel.tp={par.tp} does not divide the MLP width {model.ffn_hidden_size} "
+                             f"(model.d_model x model.mlp_ratio)")
         if par.pp > model.num_layers:
             raise ValueError(f"parallel.pp={par.pp} is larger than model.num_layers={model.num_layers}")
         if par.pp > 1 and par.zero_stage >= 2:

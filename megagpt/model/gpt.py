@@ -92,9 +92,12 @@ class LMHead(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Causal multi-head self-attention: hidden ``[batch, seq, d_model]`` -> same shape."""
+    """Causal multi-head self-attention: hidden ``[batch, seq, d_model]`` -> same shape.
 
-    def __init__(self, config: ModelConfig, layers: LayerFactory):
+    ``reduce_output=False``: under tensor parallelism return this rank's partial output projection
+    (the parallel residual reduces attention + MLP together, see ``Block``)."""
+
+    def __init__(self, config: ModelConfig, layers: LayerFactory, reduce_output: bool = True):
         super().__init__()
         if config.num_heads % layers.tp_size:
             raise ValueError(f"model.num_heads={config.num_heads} is not divisible by the tensor-parallel "
@@ -109,7 +112,7 @@ class SelfAttention(nn.Module):
         self.qkv = layers.column_linear(config.d_model, 3 * config.attention_width, bias=config.bias,
                                         init_std=config.init_std)
         self.proj = layers.row_linear(config.attention_width, config.d_model, bias=config.bias,
-                                      init_std=_residual_init_std(config))
+                                      init_std=_residual_init_std(config), reduce_output=reduce_output)
         self.slopes = None  # a plain attribute, not a buffer: .to(bf16) must not round the slopes
         if config.position == "alibi":
             self.slopes = alibi_slopes(config.num_heads, layers.tp_rank * self.num_heads, self.num_heads)
@@ -142,12 +145,12 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     """GELU MLP (GPT-2's tanh approximation): hidden ``[..., d_model]`` -> same shape."""
 
-    def __init__(self, config: ModelConfig, layers: LayerFactory):
+    def __init__(self, config: ModelConfig, layers: LayerFactory, reduce_output: bool = True):
         super().__init__()
         self.fc = layers.column_linear(config.d_model, config.ffn_hidden_size, bias=config.bias,
                                        init_std=config.init_std)
         self.proj = layers.row_linear(config.ffn_hidden_size, config.d_model, bias=config.bias,
-                                      init_std=_residual_init_std(config))
+                                      init_std=_residual_init_std(config), reduce_output=reduce_output)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(hidden), approximate="tanh"))
@@ -157,26 +160,31 @@ class Block(nn.Module):
     """One transformer layer, pre-LayerNorm, sequential (GPT-2) or parallel residual.
 
     sequential: ``x = x + attn(ln_attn(x)); x = x + mlp(ln_mlp(x))``
-    parallel:   ``x + attn(ln_attn(x)) + mlp(ln_mlp(x))``, or ``ln_attn`` for both when shared.
+    parallel:   ``x + (attn(ln_attn(x)) + mlp(ln_mlp(x)))``, or ``ln_attn`` for both when shared.
+
+    Under tensor parallelism the parallel residual sums the attention and MLP partial outputs first
+    and all-reduces once per layer instead of twice (dropout is linear once its mask is drawn, and
+    the ranks of a tensor-parallel group draw the same masks).
     """
 
     def __init__(self, config: ModelConfig, layers: LayerFactory):
         super().__init__()
         self.parallel_residual = config.parallel_residual
+        self.layer_factory = layers
         self.ln_attn = nn.LayerNorm(config.d_model, eps=config.layernorm_eps, bias=config.bias)
         self.ln_mlp = None
         if not config.shared_layernorm:
             self.ln_mlp = nn.LayerNorm(config.d_model, eps=config.layernorm_eps, bias=config.bias)
-        self.attention = SelfAttention(config, layers)
-        self.mlp = MLP(config, layers)
+        self.attention = SelfAttention(config, layers, reduce_output=not config.parallel_residual)
+        self.mlp = MLP(config, layers, reduce_output=not config.parallel_residual)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, hidden: torch.Tensor, kv_cache: Any = None) -> torch.Tensor:
         if self.parallel_residual:
             attn_in = self.ln_attn(hidden)
             mlp_in = attn_in if self.ln_mlp is None else self.ln_mlp(hidden)
-            return (hidden + self.dropout(self.attention(attn_in, kv_cache))
-                    + self.dropout(self.mlp(mlp_in)))
+            return hidden + self.layer_factory.reduce(self.dropout(self.attention(attn_in, kv_cache))
+                                                      + self.dropout(self.mlp(mlp_in)))
         hidden = hidden + self.dropout(self.attention(self.ln_attn(hidden), kv_cache))
         return hidden + self.dropout(self.mlp(self.ln_mlp(hidden)))
 
@@ -220,7 +228,9 @@ def gpt_layer_specs(config: ModelConfig, layers: LayerFactory | None = None) -> 
 
 
 class GPT(nn.Module):
-    """The whole decoder on one device: tokens ``[batch, seq]`` -> logits ``[batch, seq, vocab_size]``.
+    """The decoder: tokens ``[batch, seq]`` -> logits ``[batch, seq, vocab_size]``. With a tensor-parallel
+    ``layers`` factory each rank holds its slice and ``forward`` returns its vocabulary shard of the
+    logits: train with ``loss`` and sample from ``gather_logits``, which work in either case.
 
     Parameters live in ``self.layers`` (built from ``gpt_layer_specs``); a tied head is not stored
     twice, so the state dict holds each tensor once.
@@ -235,10 +245,11 @@ class GPT(nn.Module):
                  activation_checkpointing: bool = False):
         super().__init__()
         self.config = config
+        self.layer_factory = layers if layers is not None else LayerFactory()
         self.activation_checkpointing = activation_checkpointing
         self.layers = nn.ModuleList()
         built_by_key: dict[str, int] = {}
-        for spec in gpt_layer_specs(config, layers):
+        for spec in gpt_layer_specs(config, self.layer_factory):
             if spec.tied_key is not None and spec.tied_key in built_by_key:
                 continue
             self.layers.append(spec.build())
@@ -285,6 +296,15 @@ class GPT(nn.Module):
             else:
                 hidden = block(hidden, None if kv_cache is None else kv_cache.layers[i])
         return self.head(self.final_norm(hidden))
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``forward``'s logits (vocab-parallel under tensor parallelism:
+        the logits are then this rank's vocabulary shard and are never gathered)."""
+        return self.layer_factory.loss(logits, targets, ignore_index)
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full ``[..., vocab_size]`` logits from ``forward``'s (a no-op without tensor parallelism)."""
+        return self.layer_factory.gather_logits(logits, self.config.vocab_size)
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (a tied embedding counts once)."""

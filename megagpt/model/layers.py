@@ -27,9 +27,28 @@ class LayerFactory:
         """Linear whose output features a parallel version splits across ranks (output stays sharded)."""
         return self._linear(in_features, out_features, bias, init_std)
 
-    def row_linear(self, in_features: int, out_features: int, *, bias: bool, init_std: float) -> nn.Module:
-        """Linear whose input features a parallel version splits across ranks (output summed)."""
+    def row_linear(self, in_features: int, out_features: int, *, bias: bool, init_std: float,
+                   reduce_output: bool = True) -> nn.Module:
+        """Linear whose input features a parallel version splits across ranks (output summed).
+
+        ``reduce_output=False``: a parallel version returns this rank's partial sum (bias on one rank
+        only) and the caller passes the sum of several such outputs through ``reduce`` once — the
+        parallel residual's attention + MLP. On one device the partial output is the whole output."""
         return self._linear(in_features, out_features, bias, init_std)
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum partial outputs of ``row_linear(..., reduce_output=False)`` over the ranks (here: one)."""
+        return partial
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``vocab_logits`` output, in float32 (a log-softmax over 50k
+        entries in bf16 is lossy). A vocab-parallel factory computes it without gathering the logits."""
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=ignore_index)
+
+    def gather_logits(self, logits: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+        """Full ``[..., vocab_size]`` logits from ``vocab_logits`` output (already whole on one device)."""
+        return logits
 
     def vocab_embedding(self, num_embeddings: int, embedding_dim: int, *, init_std: float) -> nn.Module:
         """Token embedding with a ``.weight`` of shape ``[num_embeddings, embedding_dim]``."""

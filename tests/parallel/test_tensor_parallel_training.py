@@ -1,0 +1,79 @@
+"""pretrain.py with tensor parallelism: TP=2 and TP=2 x DP=2 train the one-rank run's loss curve (ALiBi,
+parallel residual, across a sequence-length stage), resume, and bad layouts stop before any rank starts."""
+import numpy as np
+import pytest
+
+from testing_utils import losses, read_jsonl, run_training
+
+pytestmark = pytest.mark.slow
+# stages: 16 tokens for steps 1-5, then the full 32; tiny's model is ALiBi + parallel residual + tied
+STAGES = ["--set", "schedule.seq_len_stages=[[16, 5]]"]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tiny_run):
+    root, config = tiny_run
+    run_training("python", ["--config", str(config), *STAGES, "--save", str(root / "tp_ref")], 29730)
+    return read_jsonl(root / "tp_ref" / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("ranks, extra", [
+    (2, ["--set", "parallel.tp=2", "--set", "parallel.zero_stage=0"]),
+    (2, ["--set", "parallel.tp=2", "--set", "parallel.zero_stage=1"]),
+    (4, ["--set", "parallel.tp=2", "--set", "parallel.zero_stage=1"]),
+], ids=["tp2-zero0", "tp2-zero1", "tp2xdp2-zero1"])
+def test_tensor_parallel_gives_the_one_rank_fp32_loss_curve(tiny_run, one_rank, ranks, extra):
+    root, config = tiny_run
+    name = f"tp_{ranks}_{extra[-1][-1]}"
+    result = run_training("deepspeed", ["--config", str(config), *STAGES, *extra, "--save", str(root / name)],
+                          29731 + ranks + int(extra[-1][-1]), ranks=ranks, timeout=300)
+    assert f"started process group: world size {ranks}" in result.stdout
+    run = read_jsonl(root / name / "metrics.jsonl")
+    assert [r["seq_len"] for r in run if "loss" in r] == [16] * 5 + [32] * 15
+    np.testing.assert_allclose(losses(run), losses(one_rank), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(losses(run, "grad_norm"), losses(one_rank, "grad_norm"), rtol=1e-4)
+    np.testing.assert_allclose(losses(run, "valid_loss"), losses(one_rank, "valid_loss"), rtol=0, atol=1e-4)
+    assert np.mean(losses(run)[-3:]) < 0.85 * losses(run)[0]
+    # every tensor-parallel rank wrote its own shard of the model
+    assert {p.name for p in (root / name / "step20").glob("mp_rank_*_model_states.pt")} == {
+        "mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"}
+
+
+def test_tensor_parallel_resumes_bitwise_and_with_another_data_parallel_size(tiny_run):
+    """TP=2 AdamW8bit ZeRO-1 stopped at step 7: resumed as TP=2 it repeats the uninterrupted run exactly;
+    resumed as TP=2 x DP=2 it continues within 8-bit re-quantisation noise; as TP=1 it is refused by name."""
+    root, config = tiny_run
+    common = ["--config", str(config), *STAGES, "--set", "parallel.tp=2", "--set", "parallel.zero_stage=1",
+              "--set", "optimizer.kind=adamw8bit", "--train-iters", "12"]
+    run_training("deepspeed", [*common, "--save", str(root / "tp_whole")], 29740)
+    for name in ("tp_same", "tp_dp2"):
+        run_training("deepspeed", [*common, "--save", str(root / name), "--exit-interval", "7"], 29741)
+    run_training("torchrun", [*common, "--save", str(root / "tp_same")], 29742)
+    resumed = run_training("deepspeed", [*common, "--save", str(root / "tp_dp2")], 29743, ranks=4, timeout=300)
+    assert "ZeRO optimizer state resharded" in resumed.stdout
+    whole = read_jsonl(root / "tp_whole" / "metrics.jsonl")
+    same, dp2 = read_jsonl(root / "tp_same" / "metrics.jsonl"), read_jsonl(root / "tp_dp2" / "metrics.jsonl")
+    assert losses(same) == losses(whole) and losses(same, "grad_norm") == losses(whole, "grad_norm")
+    assert losses(dp2)[:7] == losses(whole)[:7]
+    np.testing.assert_allclose(losses(dp2), losses(whole), rtol=0, atol=5e-3)
+
+    refused = run_training("python", [*common, "--set", "parallel.tp=1", "--save", str(root / "tp_same")], 29744,
+                           expect=None)
+    assert refused.returncode != 0
+    assert "written with parallel.tp=2" in refused.stdout + refused.stderr
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--set", "parallel.tp=2", "--set", "model.num_heads=1"], "does not divide model.num_heads=1"),
+    (["--set", "parallel.pp=4"], "parallel.pp=4 is larger than model.num_layers=2"),
+    (["--set", "parallel.pp=2", "--set", "parallel.zero_stage=2"], "parallel.zero_stage=2 with parallel.pp=2"),
+    (["--set", "parallel.tp=2", "--set", "model.vocab_size=63", "--set", "model.make_vocab_size_divisible_by=63"],
+     "parallel.tp=2 does not divide the padded vocabulary 63"),
+], ids=["tp-vs-heads", "pp-vs-layers", "zero2-with-pp", "tp-vs-vocab"])
+def test_invalid_layouts_stop_every_rank_before_the_process_group(tiny_run, args, named):
+    _, config = tiny_run
+    result = run_training("deepspeed", ["--config", str(config), *args], 29745, expect=None, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count("config error:") == 1 and named in output, output[-3000:]
+    assert "started process group" not in output
