@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megagpt.config import Config, save_resolved
+from megagpt.convert.universal import is_universal_dir
 from megagpt.zero_checkpoint import load_zero_state, read_zero_state, zero_shard_files
 
 LATEST = "latest"
@@ -143,11 +144,19 @@ def load_checkpoint(engine, directory: str | os.PathLike, rank: int, world_size:
     (megagpt/zero_checkpoint.py; DeepSpeed itself refuses), ZeRO-0 state is whole anyway; the RNG
     streams (dropout) of the old ranks cannot be mapped onto the new ones, so each rank is reseeded
     from (seed, step, rank): deterministic, but not the stream the old layout would have drawn.
+    Written with another tensor- or pipeline-parallel size, or ``directory`` is a universal checkpoint
+    (tools/convert_checkpoint.py): loaded through megagpt/convert (any tp, pp, dp; ZeRO 0/1/2, pp>1 ZeRO-1).
     """
+    from megagpt.convert.resume import (model_parallel_layout_changed, resume_converted_in_memory,
+                                        resume_universal_dir)
+    if is_universal_dir(directory):  # consolidated by tools/convert_checkpoint.py: resumes in any (tp, dp) layout
+        return resume_universal_dir(engine, directory, rank, seed)
     tag = latest_tag(directory)
     if tag is None:
         return None
     step_dir = Path(directory) / tag
+    if model_parallel_layout_changed(step_dir, engine):  # another tp/pp: consolidated in memory (megagpt/convert)
+        return resume_converted_in_memory(engine, step_dir, rank, seed)
     _check_same_model_parallel_layout(step_dir, engine)
     mp_rank = engine.mpu.get_model_parallel_rank() if engine.mpu is not None else 0
     shards = zero_shard_files(step_dir, mp_rank)
@@ -171,8 +180,7 @@ def load_checkpoint(engine, directory: str | os.PathLike, rank: int, world_size:
     if saved_world_size(step_dir) == world_size:
         set_rng_state(torch.load(step_dir / f"rng_rank{rank}.pt", weights_only=False))
     else:
-        step = int(_TAG.match(tag).group(1))
-        _reseed(seed * 1_000_003 + step * 1_009 + rank)
+        reseed_for_new_layout(engine, seed, int(_TAG.match(tag).group(1)), rank)
         if rank == 0:
             print(f"note: {step_dir} was written by {saved_world_size(step_dir)} ranks, this run has {world_size}"
                   f"{' (ZeRO optimizer state resharded)' if reshard else ''}; RNG streams reseeded per rank",
@@ -184,18 +192,28 @@ def _check_same_model_parallel_layout(step_dir: Path, engine) -> None:
     """The tensor/pipeline-parallel sizes the checkpoint was written with (its config.json) must be this
     run's: resharding across them is the converter's job, not the loader's."""
     saved = json.loads((step_dir / "config.json").read_text()).get("parallel", {})
-    tp = engine.mpu.get_model_parallel_world_size() if engine.mpu is not None else 1
-    pp = getattr(engine, "num_stages", 1)
+    tp, pp = _tp_size(engine), getattr(engine, "num_stages", 1)
     if (saved.get("tp", 1), saved.get("pp", 1)) != (tp, pp):
         raise ValueError(f"{step_dir} was written with parallel.tp={saved.get('tp', 1)}, parallel.pp="
                          f"{saved.get('pp', 1)} and this run has tp={tp}, pp={pp}; resume with the same tp and pp "
                          "(the data-parallel size may change)")
 
 
-def _reseed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def _tp_size(engine) -> int:
+    if engine.mpu is None:
+        return 1
+    # a pipeline's grid counts stages x tensor ranks as "model parallel"; its slices are the tensor ranks
+    return getattr(engine.mpu, "get_slice_parallel_world_size", engine.mpu.get_model_parallel_world_size)()
+
+
+def reseed_for_new_layout(engine, seed: int, step: int, rank: int) -> None:
+    """Seed python/numpy/torch RNGs from (seed, step, rank // tp) after resuming in another layout, where the
+    old ranks' streams cannot be mapped onto the new ones. Tensor-parallel ranks are adjacent, so one group
+    shares a stream (its ranks must draw the same dropout masks) and other groups differ."""
+    value = seed * 1_000_003 + step * 1_009 + rank // _tp_size(engine)
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
 
 
 def resolve_model_states(path: str | os.PathLike) -> tuple[Path, Path]:

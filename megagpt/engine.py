@@ -35,14 +35,33 @@ class Launch:
         return self.rank == 0
 
 
+# (rank, world size, local rank) as each kind of launcher names them, in order of preference. Slurm's
+# SLURM_PROCID/SLURM_NTASKS are not used: they are also set in a batch script outside any task launch,
+# where reading them would make a single process wait for ranks that never come (use srun + torchrun).
+RANK_VARIABLES = (
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun, deepspeed
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI's mpirun
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),  # MPICH / Intel MPI
+)
+
+
+def ranks_from_env(environ=None) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the first launcher's variables found (see ``RANK_VARIABLES``);
+    (0, 1, 0) for a plain ``python`` run."""
+    environ = os.environ if environ is None else environ
+    for rank, size, local in RANK_VARIABLES:
+        if size in environ:  # WORLD_SIZE alone: planning a layout (--dry-run) from one process
+            return int(environ.get(rank, "0")), int(environ[size]), int(environ.get(local, "0"))
+    return 0, 1, 0
+
+
 def launch_from_env(device: str = "auto") -> Launch:
-    """Rank, world size and local rank from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (1 process if unset),
-    and the torch device for ``device`` in ``DEVICE_CHOICES`` (auto: CUDA when available)."""
+    """Rank, world size and local rank from the launcher's variables (``ranks_from_env``: torchrun,
+    deepspeed, mpirun; 1 process if none), and the torch device for ``device`` in ``DEVICE_CHOICES``
+    (auto: CUDA when available)."""
     if device not in DEVICE_CHOICES:
         raise ValueError(f"--device {device!r} is not one of {list(DEVICE_CHOICES)}")
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world_size, local_rank = ranks_from_env()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -63,9 +82,10 @@ def init_distributed(launch: Launch) -> None:
     """Start the process group: nccl on CUDA, gloo on CPU. A plain ``python`` run gets world size 1."""
     import deepspeed
 
-    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
-        os.environ.setdefault(key, default)
+    # torch.distributed's env:// rendezvous reads these; under mpirun they come from the MPI variables
+    for key, value in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size), ("LOCAL_RANK", launch.local_rank),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        os.environ.setdefault(key, str(value))
     if launch.device.type == "cuda":
         torch.cuda.set_device(launch.device)
         backend = "nccl"
@@ -128,28 +148,37 @@ def build_engine(config: Config, launch: Launch, groups=None):
     from megagpt.model.attention import resolve_backend
     from megagpt.optim import build_optimizer, build_param_groups, keep_embedding_state_32bit
 
-    if config.parallel.pp > 1:
-        raise ValueError(f"parallel.pp={config.parallel.pp}: pipeline parallelism is not implemented yet; "
-                         "set parallel.pp=1")
-    tensor_parallel = config.parallel.tp > 1
-    if tensor_parallel and groups is None:
-        raise ValueError("build_engine needs the process groups (build_process_groups) when parallel.tp > 1")
+    par = config.parallel
+    tensor_parallel = par.tp > 1
+    if (tensor_parallel or par.pp > 1) and groups is None:
+        raise ValueError("build_engine needs the process groups (build_process_groups) when parallel.tp or pp > 1")
     check_device_support(config, launch.device)
     seed_everything(config.seed)
     factory = None
     if tensor_parallel:
         from megagpt.parallel import TensorParallelLayerFactory
         factory = TensorParallelLayerFactory(groups.tp_group, vocab_size=config.model.vocab_size)
-    model = GPT(config.model, factory,
-                activation_checkpointing=config.parallel.activation_checkpointing).to(launch.device)
+    if par.pp > 1:
+        from megagpt.model.layers import LayerFactory
+        from megagpt.parallel.pipeline import build_pipeline_module
+        model = build_pipeline_module(config.model, par.pp, par.tp, groups.topology.dp, factory or LayerFactory(),
+                                      config.seed, activation_checkpointing=par.activation_checkpointing,
+                                      partition_method=par.pipeline_partition)
+    else:
+        model = GPT(config.model, factory, activation_checkpointing=par.activation_checkpointing,
+                    init_seed=config.seed)
+    model = model.to(launch.device)
+    # layer seeding moved the RNGs: start dropout and everything after from one known state on every layout
+    seed_everything(config.seed + 1)
     opt = config.optimizer
     param_groups = build_param_groups(model, opt.weight_decay, decay_embeddings=opt.decay_embeddings,
-                                      decay_norms_and_biases=opt.decay_norms_and_biases)
+                                      decay_norms_and_biases=opt.decay_norms_and_biases,
+                                      separate_replicated=tensor_parallel)
     optimizer = build_optimizer(param_groups, opt.kind, opt.lr, opt.betas, opt.eps, device=launch.device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(config, launch.world_size),
-                                           mpu=groups if tensor_parallel else None)
-    if opt.uses_bitsandbytes:
+                                           mpu=groups if tensor_parallel and par.pp == 1 else None)
+    if opt.uses_bitsandbytes and any(g["name"] == "embedding" for g in param_groups):  # not on middle stages
         keep_embedding_state_32bit(engine.optimizer)
     if config.parallel.compile:
         if resolve_backend(config.model.attention_backend, launch.device) == "triton":

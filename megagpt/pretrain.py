@@ -69,15 +69,16 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
 
 def memory_estimate(config: Config, world_size: int) -> dict[str, float]:
     """Bytes per device for weights, gradients and optimizer state (fp32 master copy included) under the
-    configured precision and ZeRO stage. Activations, buffers and fragmentation are NOT included."""
-    n = parameter_count(config.model)
+    configured precision, ZeRO stage and tp x pp split. Activations, buffers and fragmentation are NOT included."""
+    # tensor and pipeline parallelism split the weights roughly evenly (embedding/norm copies ignored)
+    n = parameter_count(config.model) / (config.parallel.tp * config.parallel.pp)
     dp = config.parallel.dp_size(world_size)
     stage = config.parallel.zero_stage
     low_precision = config.parallel.precision in ("bf16", "fp16")
     weight_bytes = 2 if low_precision else 4
     master = 4 * n if low_precision else 0
     if config.optimizer.uses_bitsandbytes:
-        embedding = config.model.padded_vocab_size * config.model.d_model
+        embedding = config.model.padded_vocab_size * config.model.d_model / config.parallel.tp
         optimizer = 2 * (n - embedding) + 8 * embedding  # 8-bit moments, 32-bit for the embedding
     else:
         optimizer = 8 * n
@@ -111,7 +112,9 @@ def dry_run_report(config: Config, world_size: int) -> str:
 
 def _config_error(err: ValueError) -> int:
     """Report a config error (once: every rank of a launch fails the same way) and return exit status 2."""
-    if os.environ.get("RANK", "0") == "0":
+    from megagpt.engine import ranks_from_env
+
+    if ranks_from_env()[0] == 0:
         print(f"config error: {err}", file=sys.stderr)
     return 2
 
@@ -119,16 +122,15 @@ def _config_error(err: ValueError) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse, validate, then dry-run or train. Returns the exit status."""
     args = parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    from megagpt.engine import ranks_from_env
+
+    world_size = ranks_from_env()[1]  # before any process group: torchrun/deepspeed/mpirun variables
     try:
         config = load_config(args.config, overrides_from_args(args))
         if args.dry_run:  # plan on a machine without the data: check the layout, report missing files
             config.batch.gradient_accumulation(config.parallel.dp_size(world_size))
         else:
             validate(config, world_size)
-        if not args.dry_run and config.parallel.pp > 1:
-            raise ValueError(f"parallel.pp={config.parallel.pp}: pipeline parallelism is not implemented yet; "
-                             "set parallel.pp=1")
     except ValueError as err:
         return _config_error(err)
     if args.dry_run:

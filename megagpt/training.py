@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megagpt.checkpoint import latest_tag, load_checkpoint, save_checkpoint
 from megagpt.config import Config
+from megagpt.convert.universal import is_universal_dir
 from megagpt.engine import Launch
 from megagpt.optim import LRSchedule, LRScheduler, SeqLenSchedule, SeqLenWarmup
 
@@ -146,6 +147,16 @@ def micro_loss(engine, rows: torch.Tensor, device: torch.device) -> torch.Tensor
     return engine.module.loss(engine(rows[:, :-1]), rows[:, 1:])
 
 
+def _pipeline_batches(micro_batches, device: torch.device):
+    """What a DeepSpeed pipeline engine pulls per micro batch: (inputs, labels); the first stage reads the
+    inputs, the last the labels."""
+    return iter([(rows[:, :-1].to(device), rows[:, 1:].to(device)) for rows in micro_batches])
+
+
+def _is_pipeline(engine) -> bool:
+    return hasattr(engine, "train_batch") and hasattr(engine, "reset_activation_shape")
+
+
 @torch.no_grad()
 def evaluate(engine, valid_dataset, config: Config, launch: Launch, groups) -> float:
     """Mean validation loss over ``eval_iters`` global batches at the full length, averaged over ranks."""
@@ -153,10 +164,17 @@ def evaluate(engine, valid_dataset, config: Config, launch: Launch, groups) -> f
 
     loader = PretrainingLoader(valid_dataset, config.batch.micro_batch, config.batch.global_batch,
                                groups.topology.dp, groups.dp_rank)
-    engine.eval()
-    losses = [micro_loss(engine, torch.from_numpy(micro), launch.device).item()
-              for _ in range(config.logging.eval_iters) for micro in loader.next_step()]
-    engine.train()
+    if _is_pipeline(engine):
+        # the pipeline's activation buffers are shaped for the training length: reset around full-length eval
+        engine.reset_activation_shape()
+        micro = [[torch.from_numpy(m) for m in loader.next_step()] for _ in range(config.logging.eval_iters)]
+        losses = [engine.eval_batch(_pipeline_batches(step, launch.device)).item() for step in micro]
+        engine.reset_activation_shape()
+    else:
+        engine.eval()
+        losses = [micro_loss(engine, torch.from_numpy(m), launch.device).item()
+                  for _ in range(config.logging.eval_iters) for m in loader.next_step()]
+        engine.train()
     return _mean_over_ranks(float(np.mean(losses)), launch.world_size)
 
 
@@ -199,6 +217,7 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
             print(f"checkpoint.save is not set: no checkpoints; metrics go to {metrics_dir}", flush=True)
         timer, losses = StepTimer(sync), []
         saved_at = state.step
+        pipeline, pipeline_len = _is_pipeline(engine), None
         while state.step < config.schedule.train_iters:
             seq_len = warmup.seq_len
             full = torch.from_numpy(np.concatenate(loader.next_step()))
@@ -206,7 +225,13 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
             step_tokens = config.batch.global_batch * (config.model.seq_len // seq_len) * seq_len
             lr = lr_scheduler.step(step_tokens, engine.optimizer)
             step_losses, plain_norm = [], None
-            for rows in micro_batches:
+            if pipeline:
+                if seq_len != pipeline_len:  # activation shapes change with the sequence length
+                    engine.reset_activation_shape()
+                    pipeline_len = seq_len
+                # all micro batches, forward and backward through the stages, and the optimizer step
+                step_losses.append(engine.train_batch(_pipeline_batches(micro_batches, launch.device)))
+            for rows in (() if pipeline else micro_batches):
                 loss = micro_loss(engine, rows, launch.device)
                 engine.backward(loss)
                 if (engine.is_gradient_accumulation_boundary() and logger.is_log_step(state.step + 1)
@@ -233,6 +258,7 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
                 losses = []
             if logger.is_eval_step(state.step) and valid_ds is not None:
                 logger.log_eval(state.step, evaluate(engine, valid_ds, config, launch, groups), state.tokens)
+                pipeline_len = None
                 timer.restart()
             stopping = _any_rank(stop.received is not None) or (
                 exit_interval is not None and state.step % exit_interval == 0)
@@ -253,7 +279,8 @@ def _resume(engine, config: Config, launch: Launch, loader, lr_scheduler, warmup
     start. ``checkpoint.save`` is looked at first (this run's own newer checkpoints, so re-running the same
     command continues), then ``checkpoint.load`` (where a new run starts from)."""
     candidates = [d for d in (config.checkpoint.save, config.checkpoint.load) if d is not None]
-    directory = next((d for d in candidates if latest_tag(d) is not None), None)
+    # a save directory with a 'latest' checkpoint, or a universal one (tools/convert_checkpoint.py)
+    directory = next((d for d in candidates if latest_tag(d) is not None or is_universal_dir(d)), None)
     if directory is None:
         if config.checkpoint.load is not None and launch.is_main:
             print(f"checkpoint.load={config.checkpoint.load} has no checkpoint: starting from scratch", flush=True)

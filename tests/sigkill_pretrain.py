@@ -4,8 +4,8 @@ A SIGKILL cannot be caught: no handler, no ``finally``, no flush runs, as when t
 lost node ends a job. The test starts the launcher in its own session, so the group is the launcher
 and every rank.
 
-``MEGAGPT_TEST_KILL_AFTER_STEP=N``: right after step N's metrics record is written (and before the
-step's checkpoint, if it has one).
+``MEGAGPT_TEST_KILL_AFTER_STEP=N``: right after rank 0 has written step N's metrics record (and before
+the step's checkpoint, if it has one).
 ``MEGAGPT_TEST_KILL_IN_SAVE=N``: while checkpoint ``stepN`` is being written: the first of its files
 gets half its bytes, then the kill.
 """
@@ -31,7 +31,7 @@ if "MEGAGPT_TEST_KILL_AFTER_STEP" in os.environ:
 
     def _log_then_kill(self, step, *args, **kwargs):
         _log_train(self, step, *args, **kwargs)
-        if step == _kill_step:
+        if step == _kill_step and self.rank == 0:  # the rank that writes the record, once it is written
             _kill_group()
 
     metrics.MetricsLogger.log_train = _log_then_kill

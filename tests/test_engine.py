@@ -112,3 +112,15 @@ def test_compiled_engine_trains_like_the_eager_one(tmp_path):
         assert run["same_state_dict_keys"], name  # checkpoints and generation see the plain model's keys
         assert run["activation_checkpointing"] == (name == "compiled_ckpt")
         assert run["losses"] == pytest.approx(eager["losses"], abs=1e-4, rel=0), (name, run, eager)
+
+
+def test_ranks_come_from_torchrun_or_mpi_variables_and_default_to_one_process():
+    from megagpt.engine import ranks_from_env
+
+    assert ranks_from_env({}) == (0, 1, 0)
+    assert ranks_from_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == (3, 8, 1)
+    openmpi = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "5"}
+    assert ranks_from_env(openmpi) == (5, 16, 5)
+    assert ranks_from_env({**openmpi, "RANK": "0", "WORLD_SIZE": "2"}) == (0, 2, 0)  # the launcher's own first
+    assert ranks_from_env({"PMI_RANK": "2", "PMI_SIZE": "4"}) == (2, 4, 0)
+    assert ranks_from_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "4"}) == (0, 1, 0)  # not a launch by itself

@@ -18,11 +18,14 @@ def load_script(relative_path: str) -> ModuleType:
 # --- training runs in subprocesses (tests/test_training.py, test_resume.py, test_data_parallel.py) ---
 import json  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 PRETRAIN = str(REPO / "megagpt" / "pretrain.py")
 KILLING_PRETRAIN = str(REPO / "tests" / "sigkill_pretrain.py")
+# sequence-length stages for the tiny config: 16 tokens for steps 1-5, then the full 32
+STAGES = ["--set", "schedule.seq_len_stages=[[16, 5]]"]
 LOGGED = ("step", "loss", "lr", "grad_norm", "seq_len", "tokens", "valid_loss")
 
 
@@ -81,8 +84,15 @@ def run_training(launcher: str, args: list[str], port: int, *, script: str = PRE
     process group); assert the exit status is ``expect`` unless None."""
     extra = {"MASTER_PORT": str(port), "MASTER_ADDR": "127.0.0.1"} if launcher == "python" else {}
     command = pretrain_command(launcher, args, port, script, ranks)
-    result = subprocess.run(command, env=_clean_env(**extra, **(env or {})), capture_output=True, text=True,
-                            timeout=timeout, cwd=REPO, start_new_session=True)
+    process = subprocess.Popen(command, env=_clean_env(**extra, **(env or {})), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher's ranks too, not only the launcher
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{command} timed out after {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if expect is not None:
         assert result.returncode == expect, (f"{command} exited {result.returncode}, expected {expect}:\n"
                                              f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")

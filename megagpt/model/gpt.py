@@ -235,6 +235,10 @@ class GPT(nn.Module):
     Parameters live in ``self.layers`` (built from ``gpt_layer_specs``); a tied head is not stored
     twice, so the state dict holds each tensor once.
 
+    ``init_seed``: seed layer ``i`` of the list with ``init_seed + i`` before building it, so that any
+    partition of the list into pipeline stages builds the same weights (None: draw every layer from
+    the global RNG in turn).
+
     ``activation_checkpointing``: when true, a training forward (``self.training``, grad enabled, no
     KV cache) keeps only each Block's input and recomputes the Block's activations during backward
     (``torch.utils.checkpoint``, non-reentrant). It is a runtime switch, not part of ``ModelConfig``:
@@ -242,16 +246,18 @@ class GPT(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, layers: LayerFactory | None = None, *,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, init_seed: int | None = None):
         super().__init__()
         self.config = config
         self.layer_factory = layers if layers is not None else LayerFactory()
         self.activation_checkpointing = activation_checkpointing
         self.layers = nn.ModuleList()
         built_by_key: dict[str, int] = {}
-        for spec in gpt_layer_specs(config, self.layer_factory):
+        for index, spec in enumerate(gpt_layer_specs(config, self.layer_factory)):
             if spec.tied_key is not None and spec.tied_key in built_by_key:
                 continue
+            if init_seed is not None:  # as a pipeline stage builds it (megagpt/parallel/pipeline.py)
+                torch.manual_seed(init_seed + index)
             self.layers.append(spec.build())
             if spec.tied_key is not None:
                 built_by_key[spec.tied_key] = len(self.layers) - 1

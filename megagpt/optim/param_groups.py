@@ -51,13 +51,27 @@ def classify_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parame
     return groups
 
 
+def _split_replicated(group: dict) -> list[dict]:
+    """``group`` as two groups: tensor-parallel shards, then the tensors every tensor-parallel rank holds
+    whole (``<name>_replicated``). Why: ZeRO flattens a group into one vector and an 8-bit optimizer
+    quantises it in blocks of 256; a block mixing shards (different on each rank) with replicated
+    tensors would give the replicated tensors slightly different updates on each rank, and the copies
+    would drift apart. In a group of their own, every rank quantises identical vectors."""
+    split = [p for p in group["params"] if getattr(p, "tensor_model_parallel", False)]
+    whole = [p for p in group["params"] if not getattr(p, "tensor_model_parallel", False)]
+    return [{**group, "params": split}, {**group, "name": f"{group['name']}_replicated", "params": whole}]
+
+
 def build_param_groups(model: nn.Module, weight_decay: float, *, decay_embeddings: bool = False,
-                       decay_norms_and_biases: bool = False) -> list[dict]:
+                       decay_norms_and_biases: bool = False, separate_replicated: bool = False) -> list[dict]:
     """Optimizer param groups for ``model``, each a dict with ``name``, ``params``, ``weight_decay``.
 
     Names: ``"decay"`` (weight decay ``weight_decay``), ``"no_decay"`` (0.0) and ``"embedding"``
     (``weight_decay`` if ``decay_embeddings`` else 0.0). With ``decay_norms_and_biases`` the
-    biases and norms join the ``"decay"`` group. Empty groups are left out (ZeRO cannot flatten an
+    biases and norms join the ``"decay"`` group. ``separate_replicated`` (tensor parallelism): the decay and
+    no-decay groups are each split into shards and ``"<name>_replicated"`` tensors (see
+    ``_split_replicated``; the embedding group keeps 32-bit state, where this cannot happen).
+    Empty groups are left out (ZeRO cannot flatten an
     empty group). No ``param_names`` key is added on purpose: ZeRO replaces
     ``params`` by one flat tensor and torch checks ``param_names`` against ``params``.
     """
@@ -79,6 +93,8 @@ def build_param_groups(model: nn.Module, weight_decay: float, *, decay_embedding
         {"name": EMBEDDING, "params": [p for _, p in classified[EMBEDDING]],
          "weight_decay": float(weight_decay) if decay_embeddings else 0.0},
     ]
+    if separate_replicated:
+        groups = [*_split_replicated(groups[0]), *_split_replicated(groups[1]), groups[2]]
     return [g for g in groups if g["params"]]
 
 

@@ -68,3 +68,25 @@ def test_bad_arguments_raise_naming_the_field():
         build_param_groups(model, 0.1, decay_embeddings="yes")
     with pytest.raises(ValueError, match="'missing'.*groups present"):
         param_group_by_name(build_param_groups(model, 0.1), "missing")
+
+
+def test_tensor_parallel_shards_and_replicated_tensors_get_separate_groups():
+    """Under tensor parallelism an 8-bit optimizer must never quantise a replicated tensor in one block with a
+    rank's shard: separate_replicated splits decay / no_decay by the layers' ``tensor_model_parallel`` flag."""
+    from megagpt.config import ModelConfig
+    from megagpt.model import GPT
+    from megagpt.optim import build_param_groups
+
+    model = GPT(ModelConfig(vocab_size=64, seq_len=16, d_model=32, num_layers=2, num_heads=2,
+                            make_vocab_size_divisible_by=64))
+    for name, p in model.named_parameters():  # mark what TensorParallelLayerFactory splits
+        p.tensor_model_parallel = any(k in name for k in ("qkv", "fc", "attention.proj.weight", "mlp.proj.weight",
+                                                          "word_embeddings"))
+    groups = {g["name"]: g["params"] for g in build_param_groups(model, 0.1, separate_replicated=True)}
+    assert sorted(groups) == ["decay", "embedding", "no_decay", "no_decay_replicated"]
+    assert all(p.tensor_model_parallel for p in groups["decay"] + groups["no_decay"])
+    assert groups["no_decay"] and not any(p.tensor_model_parallel for p in groups["no_decay_replicated"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].split(".")[-2] for p in groups["no_decay_replicated"]} >= {"ln_attn", "proj"}
+    plain = build_param_groups(model, 0.1)
+    assert [g["name"] for g in plain] == ["decay", "no_decay", "embedding"]
