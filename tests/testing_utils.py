@@ -110,3 +110,17 @@ def logged_numbers(records: list[dict]) -> list[dict]:
 
 def losses(records: list[dict], key: str = "loss") -> list[float]:
     return [r[key] for r in records if key in r]
+
+
+def stop_and_resume_same_and_doubled_dp(common: list[str], root: Path, prefix: str, port: int):
+    """The uninterrupted 2-rank run of ``common``, and two copies stopped at step 7 then resumed: one with the
+    same 2 ranks (under torchrun), one with 4 ranks (the data-parallel size doubled, ZeRO state resharded).
+    Returns the metrics of (uninterrupted, same ranks, doubled dp)."""
+    run_training("deepspeed", [*common, "--save", str(root / f"{prefix}_whole")], port)
+    for name in ("same", "dp2"):
+        run_training("deepspeed", [*common, "--save", str(root / f"{prefix}_{name}"), "--exit-interval", "7"], port + 1)
+    run_training("torchrun", [*common, "--save", str(root / f"{prefix}_same")], port + 2)
+    resumed = run_training("deepspeed", [*common, "--save", str(root / f"{prefix}_dp2")], port + 3, ranks=4,
+                           timeout=300)
+    assert "ZeRO optimizer state resharded" in resumed.stdout
+    return tuple(read_jsonl(root / f"{prefix}_{name}" / "metrics.jsonl") for name in ("whole", "same", "dp2"))

@@ -4,7 +4,7 @@ checkpointing too, and pipeline checkpoints resume exactly and with another data
 import numpy as np
 import pytest
 
-from testing_utils import STAGES, losses, read_jsonl, run_training
+from testing_utils import STAGES, losses, read_jsonl, run_training, stop_and_resume_same_and_doubled_dp
 
 pytestmark = pytest.mark.slow
 PIPELINE = ["--set", "parallel.pp=2", "--set", "parallel.zero_stage=1"]
@@ -39,14 +39,7 @@ def test_pipeline_resumes_bitwise_and_with_another_data_parallel_size(tiny_run):
     root, config = tiny_run
     common = ["--config", str(config), *STAGES, *PIPELINE, "--set", "parallel.precision=bf16",
               "--set", "optimizer.kind=adamw8bit", "--train-iters", "12"]
-    run_training("deepspeed", [*common, "--save", str(root / "pp_whole")], 29760)
-    for name in ("pp_same", "pp_dp2"):
-        run_training("deepspeed", [*common, "--save", str(root / name), "--exit-interval", "7"], 29761)
-    run_training("torchrun", [*common, "--save", str(root / "pp_same")], 29762)
-    resumed = run_training("deepspeed", [*common, "--save", str(root / "pp_dp2")], 29763, ranks=4, timeout=300)
-    assert "ZeRO optimizer state resharded" in resumed.stdout
-    whole = read_jsonl(root / "pp_whole" / "metrics.jsonl")
-    same, dp2 = read_jsonl(root / "pp_same" / "metrics.jsonl"), read_jsonl(root / "pp_dp2" / "metrics.jsonl")
+    whole, same, dp2 = stop_and_resume_same_and_doubled_dp(common, root, "pp", 29760)
     assert losses(same) == losses(whole) and losses(same, "valid_loss") == losses(whole, "valid_loss")
     assert losses(dp2)[:7] == losses(whole)[:7]
     np.testing.assert_allclose(losses(dp2), losses(whole), rtol=0, atol=1e-2)

@@ -3,7 +3,7 @@ parallel residual, across a sequence-length stage), resume, and bad layouts stop
 import numpy as np
 import pytest
 
-from testing_utils import STAGES, losses, read_jsonl, run_training
+from testing_utils import STAGES, losses, read_jsonl, run_training, stop_and_resume_same_and_doubled_dp
 
 pytestmark = pytest.mark.slow
 
@@ -36,14 +36,7 @@ def test_tensor_parallel_resumes_bitwise_and_with_another_data_parallel_size(tin
     root, config = tiny_run
     common = ["--config", str(config), *STAGES, "--set", "parallel.tp=2", "--set", "parallel.zero_stage=1",
               "--set", "optimizer.kind=adamw8bit", "--train-iters", "12"]
-    run_training("deepspeed", [*common, "--save", str(root / "tp_whole")], 29740)
-    for name in ("tp_same", "tp_dp2"):
-        run_training("deepspeed", [*common, "--save", str(root / name), "--exit-interval", "7"], 29741)
-    run_training("torchrun", [*common, "--save", str(root / "tp_same")], 29742)
-    resumed = run_training("deepspeed", [*common, "--save", str(root / "tp_dp2")], 29743, ranks=4, timeout=300)
-    assert "ZeRO optimizer state resharded" in resumed.stdout
-    whole = read_jsonl(root / "tp_whole" / "metrics.jsonl")
-    same, dp2 = read_jsonl(root / "tp_same" / "metrics.jsonl"), read_jsonl(root / "tp_dp2" / "metrics.jsonl")
+    whole, same, dp2 = stop_and_resume_same_and_doubled_dp(common, root, "tp", 29740)
     assert losses(same) == losses(whole) and losses(same, "grad_norm") == losses(whole, "grad_norm")
     assert losses(dp2)[:7] == losses(whole)[:7]
     np.testing.assert_allclose(losses(dp2), losses(whole), rtol=0, atol=5e-3)
