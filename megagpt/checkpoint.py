@@ -15,7 +15,6 @@ RNG states are per rank (dropout differs by rank), so they go in per-rank files,
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -143,7 +142,7 @@ def load_checkpoint(engine, directory: str | os.PathLike, rank: int, world_size:
     Written by another data-parallel size: ZeRO-1/2 optimizer shards are resharded
     (megagpt/zero_checkpoint.py; DeepSpeed itself refuses), ZeRO-0 state is whole anyway; the RNG
     streams (dropout) of the old ranks cannot be mapped onto the new ones, so each rank is reseeded
-    from (seed, step, rank): deterministic, but not the stream the old layout would have drawn.
+    from (seed, step, tensor-parallel group): deterministic, but not the stream the old layout would have drawn.
     Written with another tensor- or pipeline-parallel size, or ``directory`` is a universal checkpoint
     (tools/convert_checkpoint.py): loaded through megagpt/convert (any tp, pp, dp; ZeRO 0/1/2, pp>1 ZeRO-1).
     """
@@ -157,7 +156,6 @@ def load_checkpoint(engine, directory: str | os.PathLike, rank: int, world_size:
     step_dir = Path(directory) / tag
     if model_parallel_layout_changed(step_dir, engine):  # another tp/pp: consolidated in memory (megagpt/convert)
         return resume_converted_in_memory(engine, step_dir, rank, seed)
-    _check_same_model_parallel_layout(step_dir, engine)
     mp_rank = engine.mpu.get_model_parallel_rank() if engine.mpu is not None else 0
     shards = zero_shard_files(step_dir, mp_rank)
     dp_size = engine.dp_world_size
@@ -188,29 +186,13 @@ def load_checkpoint(engine, directory: str | os.PathLike, rank: int, world_size:
     return client_state
 
 
-def _check_same_model_parallel_layout(step_dir: Path, engine) -> None:
-    """The tensor/pipeline-parallel sizes the checkpoint was written with (its config.json) must be this
-    run's: resharding across them is the converter's job, not the loader's."""
-    saved = json.loads((step_dir / "config.json").read_text()).get("parallel", {})
-    tp, pp = _tp_size(engine), getattr(engine, "num_stages", 1)
-    if (saved.get("tp", 1), saved.get("pp", 1)) != (tp, pp):
-        raise ValueError(f"{step_dir} was written with parallel.tp={saved.get('tp', 1)}, parallel.pp="
-                         f"{saved.get('pp', 1)} and this run has tp={tp}, pp={pp}; resume with the same tp and pp "
-                         "(the data-parallel size may change)")
-
-
-def _tp_size(engine) -> int:
-    if engine.mpu is None:
-        return 1
-    # a pipeline's grid counts stages x tensor ranks as "model parallel"; its slices are the tensor ranks
-    return getattr(engine.mpu, "get_slice_parallel_world_size", engine.mpu.get_model_parallel_world_size)()
-
-
 def reseed_for_new_layout(engine, seed: int, step: int, rank: int) -> None:
     """Seed python/numpy/torch RNGs from (seed, step, rank // tp) after resuming in another layout, where the
     old ranks' streams cannot be mapped onto the new ones. Tensor-parallel ranks are adjacent, so one group
     shares a stream (its ranks must draw the same dropout masks) and other groups differ."""
-    value = seed * 1_000_003 + step * 1_009 + rank // _tp_size(engine)
+    from megagpt.convert.resume import tp_coords
+
+    value = seed * 1_000_003 + step * 1_009 + rank // tp_coords(engine)[1]
     random.seed(value)
     np.random.seed(value % 2**32)
     torch.manual_seed(value)

@@ -124,3 +124,14 @@ def stop_and_resume_same_and_doubled_dp(common: list[str], root: Path, prefix: s
                            timeout=300)
     assert "ZeRO optimizer state resharded" in resumed.stdout
     return tuple(read_jsonl(root / f"{prefix}_{name}" / "metrics.jsonl") for name in ("whole", "same", "dp2"))
+
+
+def assert_same_curve_as_one_rank(run: list[dict], one_rank: list[dict]) -> None:
+    """A parallel layout's 20-step run with STAGES: the one-rank run's losses, gradient norms and validation
+    losses within fp32 reordering noise (1e-4)."""
+    import numpy as np
+
+    assert [r["seq_len"] for r in run if "loss" in r] == [16] * 5 + [32] * 15
+    np.testing.assert_allclose(losses(run), losses(one_rank), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(losses(run, "grad_norm"), losses(one_rank, "grad_norm"), rtol=1e-4)
+    np.testing.assert_allclose(losses(run, "valid_loss"), losses(one_rank, "valid_loss"), rtol=0, atol=1e-4)

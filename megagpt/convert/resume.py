@@ -253,9 +253,6 @@ def model_parallel_layout_changed(step_dir: Path, engine) -> bool:
     return bool(_layout_changes(step_dir, engine))
 
 
-only_tp_size_changed = model_parallel_layout_changed  # its name before pipeline layouts were converted too
-
-
 def resume_converted_in_memory(engine, step_dir: Path, rank: int, seed: int) -> dict:
     """Resume a checkpoint of another tensor/pipeline-parallel size: every rank consolidates it in memory."""
     size = sum(f.stat().st_size for f in Path(step_dir).iterdir() if f.is_file())
