@@ -39,6 +39,8 @@ setup(
     extras_require={
         "train": ["deepspeed>=0.15", "bitsandbytes>=0.43", "triton>=3.0", "tensorboard", "matplotlib"],
         "hf": ["transformers>=4.40"],
+        # EleutherAI's harness (megagpt/lm_eval_adapter.py, tools/lm_eval.py)
+        "eval": ["lm_eval>=0.4.5"],
         "flash": ["flash-attn>=2.4"],
         # megatron-core is a test oracle: our .bin/.idx files and C++ helpers are compared with Megatron-LM's own.
         "dev": ["pytest>=7", "pybind11>=2.10", "megatron-core==0.16.1"],

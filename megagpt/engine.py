@@ -126,7 +126,7 @@ def build_process_groups(config: Config, launch: Launch):
     return ProcessGroups(Topology(par.tp, par.pp, par.dp_size(launch.world_size)), launch.rank)
 
 
-def build_engine(config: Config, launch: Launch, groups=None):
+def build_engine(config: Config, launch: Launch, groups=None, init_weights: bool = True):
     """The DeepSpeed engine for ``config``: GPT + param groups + client optimizer + ``deepspeed.initialize``.
 
     Call after ``init_distributed``; ``groups`` (``build_process_groups``) is needed when
@@ -141,6 +141,10 @@ def build_engine(config: Config, launch: Launch, groups=None):
     ``engine.compile()`` after initialize, which compiles ``engine.module`` in place
     (``nn.Module.compile``): the engine keeps its hooks around the compiled forward, and state dict
     keys and checkpoints stay those of the plain model. Dynamo compiles lazily, on the first forward.
+
+    ``checkpoint.init_from`` (with ``init_weights``; the trainer passes False when it will resume a checkpoint
+    anyway): the built model's weights are replaced by that checkpoint's before ``deepspeed.initialize``, so
+    the optimizer's fp32 masters start from them too.
     """
     import deepspeed
 
@@ -167,6 +171,13 @@ def build_engine(config: Config, launch: Launch, groups=None):
     else:
         model = GPT(config.model, factory, activation_checkpointing=par.activation_checkpointing,
                     init_seed=config.seed)
+    if init_weights and config.checkpoint.init_from is not None:
+        from megagpt.convert.weights import init_from_weights
+
+        tp_rank = groups.tp_rank if tensor_parallel else 0
+        note = init_from_weights(model, config, config.checkpoint.init_from, tp_rank, par.tp, pipeline=par.pp > 1)
+        if launch.is_main:
+            print(note, flush=True)
     model = model.to(launch.device)
     # layer seeding moved the RNGs: start dropout and everything after from one known state on every layout
     seed_everything(config.seed + 1)

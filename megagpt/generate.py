@@ -7,13 +7,11 @@ computed from absolute positions (megagpt/model/attention.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import operator
 from pathlib import Path
 
 import torch
 
-from megagpt.config import load_model_config
 from megagpt.model.gpt import GPT
 
 
@@ -172,49 +170,10 @@ def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, *, nu
     return [tokenizer.decode(sample) for sample in samples]
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict safely: ``.safetensors`` with safetensors, anything else with ``weights_only=True``;
-    a training save directory (or one of its step directories) gives the model weights of its checkpoint."""
-    path = Path(path)
-    if path.is_dir():
-        from megagpt.checkpoint import resolve_model_states
-
-        states, _ = resolve_model_states(path)
-        return torch.load(states, map_location="cpu", weights_only=True)["module"]
-    if not path.is_file():
-        raise ValueError(f"checkpoint file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint file {path} does not hold a state dict (got {type(state).__name__})")
-    return state
-
-
 def load_model(checkpoint: str | Path, model_config: str | Path | None = None, *, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, attention_backend: str | None = None) -> GPT:
-    """Build a GPT from a JSON ModelConfig and load its weights; returns it in eval mode.
+    """A GPT in eval mode from any checkpoint ``megagpt.convert.weights.read_model_weights`` reads: a training
+    save or step directory (any layout), a consolidated directory, or a weights file with its ``model_config``."""
+    from megagpt.convert.weights import load_gpt
 
-    ``model_config`` may be omitted for a training checkpoint directory: the config saved beside it is used."""
-    if model_config is None:
-        if not Path(checkpoint).is_dir():
-            raise ValueError(f"--model-config is needed for the weights file {checkpoint}")
-        from megagpt.checkpoint import resolve_model_states
-
-        model_config = resolve_model_states(checkpoint)[1]
-    config = load_model_config(model_config)
-    if attention_backend is not None:
-        config = dataclasses.replace(config, attention_backend=attention_backend)
-    model = GPT(config)
-    state = load_state_dict_file(checkpoint)
-    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {checkpoint} does not match model config {model_config}: "
-                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:  # same names, different shapes
-        raise ValueError(f"checkpoint {checkpoint} does not match model config {model_config}: {err}") from None
-    return model.to(device=device, dtype=dtype).eval()
+    return load_gpt(checkpoint, model_config, device=device, dtype=dtype, attention_backend=attention_backend)[0]

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from megagpt.engine import (build_engine, build_process_groups, check_device_support, init_distributed,
                                 launch_from_env)
-    from megagpt.training import train
+    from megagpt.training import resume_directory, train
 
     try:
         launch = launch_from_env(args.device)
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if launch.is_main:
         print(format_config(config), flush=True)
     groups = build_process_groups(config, launch)
-    engine = build_engine(config, launch, groups)
+    engine = build_engine(config, launch, groups, init_weights=resume_directory(config) is None)
     state = train(config, engine, launch, groups, exit_interval=args.exit_interval)
     if launch.is_main:
         print(f"done: step {state.step}, {state.tokens:,} tokens", flush=True)

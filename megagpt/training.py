@@ -274,13 +274,19 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
     return state
 
 
+def resume_directory(config: Config) -> str | None:
+    """The directory a run resumes from: ``checkpoint.save`` if it has a checkpoint (re-running the same command
+    continues), else ``checkpoint.load`` if it has one; None for a fresh start."""
+    candidates = [d for d in (config.checkpoint.save, config.checkpoint.load) if d is not None]
+    # a save directory with a 'latest' checkpoint, or a universal one (tools/convert_checkpoint.py)
+    return next((d for d in candidates if latest_tag(d) is not None or is_universal_dir(d)), None)
+
+
 def _resume(engine, config: Config, launch: Launch, loader, lr_scheduler, warmup, state: TrainState) -> int | None:
     """Load the latest checkpoint and restore every counter; returns the resumed step, or None for a fresh
     start. ``checkpoint.save`` is looked at first (this run's own newer checkpoints, so re-running the same
     command continues), then ``checkpoint.load`` (where a new run starts from)."""
-    candidates = [d for d in (config.checkpoint.save, config.checkpoint.load) if d is not None]
-    # a save directory with a 'latest' checkpoint, or a universal one (tools/convert_checkpoint.py)
-    directory = next((d for d in candidates if latest_tag(d) is not None or is_universal_dir(d)), None)
+    directory = resume_directory(config)
     if directory is None:
         if config.checkpoint.load is not None and launch.is_main:
             print(f"checkpoint.load={config.checkpoint.load} has no checkpoint: starting from scratch", flush=True)

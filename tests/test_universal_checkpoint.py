@@ -186,7 +186,8 @@ def _whole_and_stopped(root, name, common, launcher, port, ranks=2):
 
 
 def _convert(source, output, *extra):
-    result = subprocess.run([sys.executable, CONVERT, "--load", str(source), "--output", str(output), *extra],
+    result = subprocess.run([sys.executable, CONVERT, "--load", str(source), "--to", "consolidated", "--output",
+                             str(output), *extra],
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result.stdout

@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check torch==2.13.0
-python -m pip install -q --disable-pip-version-check -c requirements-cpu.txt -e ".[train,hf,dev]"
+python -m pip install -q --disable-pip-version-check -c requirements-cpu.txt -e ".[train,hf,eval,dev]"

@@ -236,11 +236,16 @@ class ParallelConfig(_Section):
 @dataclass(frozen=True)
 class CheckpointConfig(_Section):
     """``save``: directory for checkpoints (None: never save); ``load``: directory to resume from.
-    ``save_interval``: steps between saves; ``keep_last``: checkpoints kept (0 keeps all)."""
+    ``save_interval``: steps between saves; ``keep_last``: checkpoints kept (0 keeps all).
+    ``init_from``: start a NEW run from these weights (continual pretraining): a consolidated checkpoint
+    (``tools/convert_checkpoint.py --to consolidated``, or ``--from-hf`` for Hugging Face GPT-2) or a training
+    checkpoint of any layout. Only the weights are taken; optimizer, schedules and data start fresh. Ignored
+    once the run has a checkpoint of its own to resume."""
 
     SECTION = "checkpoint"
     save: str | None = None
     load: str | None = None
+    init_from: str | None = None
     save_interval: int = 1000
     keep_last: int = 0
 
@@ -268,3 +273,45 @@ class LoggingConfig(_Section):
         if self.peak_tflops_per_device is not None and self.peak_tflops_per_device <= 0:
             raise ValueError(f"logging.peak_tflops_per_device must be > 0 or null, got "
                              f"{self.peak_tflops_per_device!r}")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig(_Section):
+    """The tokenizer the data was made with (megagpt/data/tokenizers.py), recorded so that evaluation,
+    generation and the Hugging Face export need no tokenizer flags. ``type`` None: not recorded (the tools
+    then ask for ``--tokenizer-type``). Relative paths are relative to the working directory, as ``data_path``."""
+
+    SECTION = "tokenizer"
+    type: str | None = None
+    vocab_file: str | None = None  # GPT2BPETokenizer: vocab.json; CharLevelTokenizer: the alphabet JSON
+    merge_file: str | None = None  # GPT2BPETokenizer: merges.txt
+    tokenizer_file: str | None = None  # HFTokenizer: tokenizer.json
+    eod_token: str | None = None  # HFTokenizer: the end-of-document token (default: its own guess)
+
+    def _check(self) -> None:
+        from megagpt.data.tokenizers import TOKENIZER_ALIASES  # Megatron/NeoX names are accepted too
+
+        if self.type is None:
+            return
+        if self.type not in TOKENIZER_ALIASES:
+            raise ValueError(f"tokenizer.type={self.type!r} is not one of {sorted(TOKENIZER_ALIASES)}")
+        needs = {"gpt2": ("vocab_file", "merge_file"), "hf": ("tokenizer_file",),
+                 "char": ("vocab_file",)}.get(TOKENIZER_ALIASES[self.type], ())
+        missing = [name for name in needs if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"tokenizer.type={self.type!r} needs tokenizer.{' and tokenizer.'.join(missing)}")
+
+    @property
+    def files(self) -> list[str]:
+        """The files this tokenizer is read from."""
+        return [f for f in (self.vocab_file, self.merge_file, self.tokenizer_file) if f is not None]
+
+    def build(self):
+        """The tokenizer object (megagpt.data.tokenizers); ValueError when none is recorded."""
+        from megagpt.data.tokenizers import build_tokenizer
+
+        if self.type is None:
+            raise ValueError("no tokenizer recorded in the config (tokenizer.type is null): give --tokenizer-type "
+                             "and its files, or add a tokenizer section to the training config")
+        return build_tokenizer(self.type, vocab_file=self.vocab_file, merge_file=self.merge_file,
+                               tokenizer_file=self.tokenizer_file, eod_token=self.eod_token)

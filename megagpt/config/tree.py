@@ -13,7 +13,7 @@ from typing import Any
 from megagpt.config._fields import read_json_file, _coerce, _did_you_mean, _jsonable
 from megagpt.config.model import ModelConfig
 from megagpt.config.sections import (BatchConfig, CheckpointConfig, DataConfig, LoggingConfig, OptimizerConfig,
-                                     ParallelConfig, ScheduleConfig)
+                                     ParallelConfig, ScheduleConfig, TokenizerConfig)
 
 
 # DeepSpeed keys derived from the tree, and the field a user sets instead.
@@ -32,7 +32,7 @@ DEEPSPEED_OWNED_KEYS = {
 }
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
             "schedule": ScheduleConfig, "batch": BatchConfig, "parallel": ParallelConfig,
-            "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+            "checkpoint": CheckpointConfig, "logging": LoggingConfig, "tokenizer": TokenizerConfig}
 TOP_LEVEL_KEYS = (*SECTIONS, "deepspeed", "seed")
 
 
@@ -49,6 +49,7 @@ class Config:
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     deepspeed: dict[str, Any] = dataclasses.field(default_factory=dict)  # pass-through, see DEEPSPEED_OWNED_KEYS
     seed: int = 1234  # model initialisation and dropout
 
@@ -208,6 +209,13 @@ def validate(config: Config, world_size: int) -> None:
                 raise ValueError(f"data.data_path: {prefix + suffix} does not exist (prefix {prefix!r}); "
                                  "preprocess it with tools/preprocess_data.py or override the path with "
                                  "--set data.data_path='[\"PREFIX\"]'")
+    for path in config.tokenizer.files:
+        if not os.path.exists(path):
+            raise ValueError(f"tokenizer: {path} does not exist; fix the tokenizer section's file paths")
+    init_from = config.checkpoint.init_from
+    if init_from is not None and not os.path.exists(init_from):
+        raise ValueError(f"checkpoint.init_from: {init_from} does not exist; give a consolidated checkpoint "
+                         "(tools/convert_checkpoint.py) or a training checkpoint directory")
 
 
 def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:

@@ -169,39 +169,19 @@ def load_into_engine(engine, universal: Universal) -> None:
     """Load ``universal`` into ``engine`` (built for any tp/dp, ZeRO 0/1/2; or a pipeline, ZeRO-1): this rank's
     slices of the module weights (a pipeline stage: of the parameters it holds), the optimizer's masters and
     moments, and DeepSpeed's step counters."""
+    from megagpt.convert.weights import load_weights_into_module
+
+    if universal.optimizer == "none":
+        raise ValueError("this consolidated checkpoint holds weights only (no optimizer state), so it cannot be "
+                         "resumed; start a new run from it with checkpoint.init_from instead")
     pipeline = getattr(engine, "num_stages", 1) > 1
     rank, size = tp_coords(engine)
     to_gpt = PipelineNames.for_module(engine.module).to_gpt if pipeline else (lambda name: name)
-    params = {}
-    for name, param in engine.module.named_parameters():
-        try:
-            params[to_gpt(name)] = param
-        except ValueError as err:
-            raise ValueError(f"the universal checkpoint does not fit this pipeline: {err}") from None
-    if pipeline:  # a stage holds some of the parameters: each must be in the checkpoint
-        missing = sorted(set(params) - set(universal.weights))
-        if missing:
-            raise ValueError(f"the universal checkpoint does not fit this model: pipeline stage {engine.stage_id} "
-                             f"holds {missing[:5]}, which the checkpoint lacks (model config changed?)")
-        if engine.zero_optimization_stage() != 1:
-            raise ValueError(f"resuming a universal checkpoint in a pipeline needs ZeRO-1, this run has "
-                             f"ZeRO-{engine.zero_optimization_stage()}")
-    elif sorted(params) != sorted(universal.weights):
-        missing = sorted(set(params) - set(universal.weights))
-        extra = sorted(set(universal.weights) - set(params))
-        raise ValueError(f"the universal checkpoint does not fit this model: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]} (model config changed?)")
-    with torch.no_grad():
-        for name, param in params.items():
-            dim = universal.split_dims[name]
-            if size > 1 and getattr(param, "tp_split_dim", dim) != dim:
-                raise ValueError(f"parameter {name}: split dim {param.tp_split_dim} in the model, {dim} in the "
-                                 "checkpoint")
-            local = tp_slice(universal.weights[name], dim, rank, size)
-            if local.shape != param.shape:
-                raise ValueError(f"parameter {name}: {tuple(local.shape)} from the checkpoint for tp rank {rank} of "
-                                 f"{size}, {tuple(param.shape)} in the model")
-            param.copy_(local.to(param.device, param.dtype))
+    if pipeline and engine.zero_optimization_stage() != 1:
+        raise ValueError(f"resuming a universal checkpoint in a pipeline needs ZeRO-1, this run has "
+                         f"ZeRO-{engine.zero_optimization_stage()}")
+    load_weights_into_module(engine.module, universal.weights, universal.split_dims, rank, size,
+                             to_gpt if pipeline else None, source="the universal checkpoint")
     stage = engine.zero_optimization_stage()
     if stage in (1, 2):
         _load_zero12(engine, universal, rank, size, to_gpt)

@@ -10,7 +10,7 @@ must agree on every tp rank.
 On disk (``save_universal`` / ``load_universal``; safetensors, no pickle)::
 
     out/model.safetensors      weights, fp32 or bf16
-    out/optimizer.safetensors  "{moment}/{name}" (exp_avg, exp_avg_sq | state1, state2, absmax1, absmax2), fp32;
+    out/optimizer.safetensors  (absent in a weights-only checkpoint) "{moment}/{name}" (exp_avg, exp_avg_sq | state1, state2, absmax1, absmax2), fp32;
                                "qmap1"/"qmap2": the bitsandbytes 8-bit codes
     out/config.json            the resolved config of the run that wrote it
     out/state.json             format, optimizer family and step, 8-bit parameters, split dims, client state,
@@ -53,7 +53,7 @@ class Universal:
     weights: dict[str, torch.Tensor]  # full master weights, fp32 (bf16 if saved so)
     moments: dict[str, dict[str, torch.Tensor]]  # name -> moment -> full fp32 tensor
     split_dims: dict[str, int | None]  # name -> tensor-parallel split dim (None: replicated)
-    optimizer: str  # "torch" (exp_avg/exp_avg_sq) or "bitsandbytes" (state1/state2)
+    optimizer: str  # "torch" (exp_avg/exp_avg_sq), "bitsandbytes" (state1/state2) or "none" (weights only)
     step: float  # the optimizer's step counter
     client_state: dict  # the "megagpt" client state: loader, schedules, step, tokens, config
     engine_state: dict = field(default_factory=dict)  # DeepSpeed's counters (global_steps, ...)
@@ -170,9 +170,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def weights_only(universal: Universal) -> Universal:
+    """``universal`` without its optimizer state (a release, or the input of ``checkpoint.init_from``)."""
+    return Universal(config=universal.config, weights=universal.weights, moments={}, split_dims=universal.split_dims,
+                     optimizer="none", step=universal.step, client_state=universal.client_state,
+                     engine_state=universal.engine_state, source=universal.source,
+                     weights_dtype=universal.weights_dtype)
+
+
 def save_universal(universal: Universal, out_dir: str | Path, dtype: str = "fp32", overwrite: bool = False) -> Path:
     """Write ``universal`` to ``out_dir`` (weights in ``dtype``: fp32 or bf16; moments always fp32), atomically:
-    into ``out_dir.partial``, renamed at the end. An existing ``out_dir`` is refused unless ``overwrite``."""
+    into ``out_dir.partial``, renamed at the end. An existing ``out_dir`` is refused unless ``overwrite``.
+    ``universal.optimizer == "none"``: weights only, no optimizer.safetensors."""
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
@@ -187,12 +196,15 @@ def save_universal(universal: Universal, out_dir: str | Path, dtype: str = "fp32
     partial.mkdir(parents=True)
     weights = {n: t.detach().to(DTYPES[dtype]).contiguous() for n, t in universal.weights.items()}
     save_file(weights, str(partial / MODEL_FILE), metadata={"format": "pt", "dtype": dtype})
-    tensors = {f"{key}/{name}": t.detach().float().contiguous()
-               for name, m in universal.moments.items() for key, t in m.items()}
-    tensors.update({key: t.float().contiguous() for key, t in universal.codes.items()})
-    save_file(tensors, str(partial / OPTIMIZER_FILE), metadata={"format": "pt"})
+    files = [MODEL_FILE]
+    if universal.optimizer != "none":
+        tensors = {f"{key}/{name}": t.detach().float().contiguous()
+                   for name, m in universal.moments.items() for key, t in m.items()}
+        tensors.update({key: t.float().contiguous() for key, t in universal.codes.items()})
+        save_file(tensors, str(partial / OPTIMIZER_FILE), metadata={"format": "pt"})
+        files.append(OPTIMIZER_FILE)
     _write_json(partial / CONFIG_FILE, universal.config)
-    for name in (MODEL_FILE, OPTIMIZER_FILE):
+    for name in files:
         _fsync(partial / name)
     _write_json(partial / STATE_FILE, {
         "format": FORMAT, "version": VERSION, "weights_dtype": dtype,
@@ -226,7 +238,8 @@ def load_universal(path: str | Path) -> Universal:
     weights = {n: t.float() for n, t in load_file(str(path / MODEL_FILE)).items()}
     moments: dict[str, dict[str, torch.Tensor]] = {name: {} for name in weights}
     codes = {}
-    for key, tensor in load_file(str(path / OPTIMIZER_FILE)).items():
+    optimizer_tensors = load_file(str(path / OPTIMIZER_FILE)) if (path / OPTIMIZER_FILE).is_file() else {}
+    for key, tensor in optimizer_tensors.items():
         moment, _, name = key.partition("/")
         if name:
             moments.setdefault(name, {})[moment] = tensor

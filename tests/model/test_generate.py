@@ -182,5 +182,5 @@ def test_cli_generates_from_a_safetensors_checkpoint(tmp_path, gpt2_files, capsy
     assert "Hello world" + want in capsys.readouterr().out
 
     (tmp_path / "other.json").write_text(json.dumps({**config.to_dict(), "d_model": 32, "head_dim": 32}))
-    with pytest.raises(ValueError, match="does not match model config"):
+    with pytest.raises(ValueError, match="does not fit the model config"):
         load_model(tmp_path / "model.safetensors", tmp_path / "other.json")
