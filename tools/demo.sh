@@ -14,7 +14,8 @@ python tools/dataset_info.py out/demo/shakespeare_text_document --split 90,10,0 
 
 rm -rf out/demo/run   # a fresh run each time the demo is started
 train=(deepspeed --num_gpus 2 megagpt/pretrain.py --config configs/tiny.json --save out/demo/run
-       --train-iters 200 --eval-interval 100 --set batch.micro_batch=8 --set schedule.warmup_iters=20)
+       --train-iters 200 --eval-interval 100 --set batch.micro_batch=8 --set schedule.warmup_iters=20
+       --set tokenizer.type=CharLevelTokenizer --set tokenizer.vocab_file=out/demo/chars.json)
 echo "== training, stopping after the checkpoint at step 100 (as if the job were preempted)"
 "${train[@]}" --exit-interval 100
 echo "== the same command again: resumes from out/demo/run/latest and finishes"
@@ -23,5 +24,4 @@ echo "== validation loss and perplexity (out/demo/run/metrics.jsonl):"
 grep valid_loss out/demo/run/metrics.jsonl
 python tools/plot_metrics.py --metrics out/demo/run/metrics.jsonl --output out/demo/run/metrics.png --overwrite
 echo "== a sample from the trained model"
-python tools/generate.py --checkpoint out/demo/run --tokenizer-type CharLevelTokenizer \
-  --vocab-file out/demo/chars.json --prompt "ROMEO:" --max-new-tokens 200 --top-k 20 --seed 1
+python tools/generate.py --checkpoint out/demo/run --prompt "ROMEO:" --max-new-tokens 200 --top-k 20 --seed 1

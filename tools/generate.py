@@ -2,9 +2,11 @@
 """Generate text from a trained megagpt model (KV-cached; greedy, temperature, top-k, top-p).
 
 Example:
-    python tools/generate.py --checkpoint model.safetensors --model-config model.json \\
-        --tokenizer-type GPT2BPETokenizer --vocab-file gpt2/vocab.json --merge-file gpt2/merges.txt \\
-        --prompt "ROMEO:" --num-samples 3 --max-new-tokens 200 --top-k 50 --seed 1234
+    python tools/generate.py --checkpoint out/demo/run --prompt "ROMEO:" --num-samples 3 --max-new-tokens 200 \\
+        --top-k 50 --seed 1234
+``--checkpoint``: a training save directory (any parallel layout), a consolidated directory, or a weights file with
+``--model-config``. The tokenizer is the one recorded in the checkpoint's config (its ``tokenizer`` section) unless
+``--tokenizer-type`` and its files are given.
 ``--prompt FILE:path`` reads the prompt from a file; an empty prompt starts from the EOD token.
 """
 from __future__ import annotations
@@ -13,8 +15,9 @@ import argparse
 
 import torch
 
-from megagpt.data.tokenizers import TOKENIZER_ALIASES, build_tokenizer
-from megagpt.generate import generate_text, load_model, read_prompt
+from megagpt.convert.weights import build_gpt, read_model_weights
+from megagpt.data.tokenizers import TOKENIZER_ALIASES
+from megagpt.generate import generate_text, read_prompt
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,8 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", required=True,
-                   help="state dict: .safetensors (or a torch file, loaded weights-only), or a training --save "
-                        "directory / step directory (tp = pp = 1)")
+                   help="a training --save directory or step directory (any parallel layout), a consolidated "
+                        "directory, or a state dict file (.safetensors, or a torch file loaded weights-only)")
     g.add_argument("--model-config", default=None,
                    help="JSON ModelConfig (or a full config with a 'model' section); default for a training "
                         "checkpoint: the config saved beside it")
@@ -34,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", required=True, choices=sorted(TOKENIZER_ALIASES))
+    g.add_argument("--tokenizer-type", choices=sorted(TOKENIZER_ALIASES),
+                   help="default: the tokenizer recorded in the checkpoint's config")
     g.add_argument("--vocab-file")
     g.add_argument("--merge-file")
     g.add_argument("--tokenizer-file")
@@ -55,14 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[str]:
     """Run the command line; prints prompt + continuation per sample and returns the continuations."""
     args = parse_args(argv)
-    tokenizer = build_tokenizer(args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
-                                tokenizer_file=args.tokenizer_file)
+    weights = read_model_weights(args.checkpoint, args.model_config)
+    tokenizer = weights.build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_file)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    model = load_model(args.checkpoint, args.model_config, device=args.device, dtype=dtype,
-                       attention_backend=args.attention_backend)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                         f"{model.config.vocab_size} (model.vocab_size)")
+    model = build_gpt(weights, device=args.device, dtype=dtype, attention_backend=args.attention_backend)
     prompt = read_prompt(args.prompt)
     samples = generate_text(model, tokenizer, prompt, args.max_new_tokens,
                             num_samples=args.num_samples, temperature=0.0 if args.greedy else args.temperature,

@@ -43,6 +43,21 @@ class ModelWeights:
     def tokenizer_config(self) -> TokenizerConfig:
         return TokenizerConfig.from_dict(self.config.get("tokenizer") or {})
 
+    def build_tokenizer(self, tokenizer_type: str | None = None, vocab_file: str | None = None,
+                        merge_file: str | None = None, tokenizer_file: str | None = None):
+        """The tokenizer given by the arguments (command-line flags) if ``tokenizer_type`` is set, else the one
+        recorded in the checkpoint's config; checks that the model covers its vocabulary."""
+        if tokenizer_type is not None:
+            config = TokenizerConfig(type=tokenizer_type, vocab_file=vocab_file, merge_file=merge_file,
+                                     tokenizer_file=tokenizer_file)
+        else:
+            config = self.tokenizer_config
+        tokenizer = config.build()
+        if tokenizer.vocab_size > self.model_config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model of {self.source} only "
+                             f"{self.model_config.vocab_size} (model.vocab_size): wrong tokenizer?")
+        return tokenizer
+
 
 def _read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":

@@ -184,3 +184,30 @@ def test_cli_generates_from_a_safetensors_checkpoint(tmp_path, gpt2_files, capsy
     (tmp_path / "other.json").write_text(json.dumps({**config.to_dict(), "d_model": 32, "head_dim": 32}))
     with pytest.raises(ValueError, match="does not fit the model config"):
         load_model(tmp_path / "model.safetensors", tmp_path / "other.json")
+
+
+def test_cli_takes_the_tokenizer_recorded_in_the_checkpoint(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from megagpt.config import Config
+    from megagpt.convert.weights import save_model_weights
+    from megagpt.data.tokenizers import ByteLevelTokenizer
+
+    script = Path(__file__).resolve().parents[2] / "tools" / "generate.py"
+    spec = importlib.util.spec_from_file_location("generate_cli", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    model_config = ModelConfig(vocab_size=257, seq_len=32, d_model=16, num_layers=1, num_heads=2)
+    config = Config.from_dict({"model": model_config.to_dict(), "data": {"data_path": ["x"]},
+                               "schedule": {"train_iters": 1}, "batch": {"micro_batch": 1, "global_batch": 1}})
+    model = GPT(model_config).eval()
+    argv = ["--prompt", "Hi", "--greedy", "--max-new-tokens", "5", "--no-stop-at-eod", "--device", "cpu"]
+    bare = save_model_weights(model.state_dict(), tmp_path / "bare", config=config.to_dict())
+    with pytest.raises(ValueError, match="no tokenizer recorded"):
+        cli.main(["--checkpoint", str(bare), *argv])
+    recorded = {**config.to_dict(), "tokenizer": {"type": "ByteLevelTokenizer"}}
+    out = save_model_weights(model.state_dict(), tmp_path / "recorded", config=recorded)
+    tokenizer = ByteLevelTokenizer()
+    want = tokenizer.decode(generate(model, list(tokenizer.encode("Hi")), 5, temperature=0.0)[0])
+    assert cli.main(["--checkpoint", str(out), *argv]) == [want]
