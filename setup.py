@@ -38,9 +38,9 @@ setup(
     ],
     extras_require={
         "train": ["deepspeed>=0.15", "bitsandbytes>=0.43", "triton>=3.0", "tensorboard", "matplotlib"],
-        "hf": ["transformers>=4.40"],
-        # EleutherAI's harness (megagpt/lm_eval_adapter.py, tools/lm_eval.py)
-        "eval": ["lm_eval>=0.4.5"],
+        "hf": ["transformers>=5.0"],  # the exported custom code uses transformers 5 configs
+        # EleutherAI's harness (megagpt/lm_eval_adapter.py, tools/lm_eval.py); accelerate: its "hf" model
+        "eval": ["lm_eval>=0.4.5", "accelerate>=0.26"],
         "flash": ["flash-attn>=2.4"],
         # megatron-core is a test oracle: our .bin/.idx files and C++ helpers are compared with Megatron-LM's own.
         "dev": ["pytest>=7", "pybind11>=2.10", "megatron-core==0.16.1"],

@@ -69,7 +69,7 @@ def test_two_variants_train_and_are_compared_on_the_same_heldout_sets(tmp_path):
             for _ in range(200):
                 start = int(rng.integers(0, 60))
                 writer.add_document((start + sign * np.arange(int(rng.integers(20, 80)))) % 60)
-    base = {"model": {"vocab_size": 64, "seq_len": 32, "d_model": 32, "num_layers": 2, "num_heads": 2,
+    base = {"model": {"vocab_size": 257, "seq_len": 32, "d_model": 32, "num_layers": 2, "num_heads": 2,
                       "make_vocab_size_divisible_by": 64},
             "data": {"data_path": ["unset"], "split": "80,10,10", "num_workers": 0},
             "tokenizer": {"type": "ByteLevelTokenizer"},

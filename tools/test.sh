@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
-python -m pytest -q tests "$@"
+python -m pytest -q --durations=30 tests "$@"
