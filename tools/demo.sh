@@ -25,3 +25,8 @@ grep valid_loss out/demo/run/metrics.jsonl
 python tools/plot_metrics.py --metrics out/demo/run/metrics.jsonl --output out/demo/run/metrics.png --overwrite
 echo "== a sample from the trained model"
 python tools/generate.py --checkpoint out/demo/run --prompt "ROMEO:" --max-new-tokens 200 --top-k 20 --seed 1
+echo "== evaluation: validation perplexity at three context lengths (ALiBi past its training length of 128)"
+python tools/evaluate.py --load out/demo/run --data-path out/demo/shakespeare_text_document --split-name valid \
+  --seq-lengths 128,256,512 --max-windows 64 --output out/demo/eval.json --overwrite --quiet
+echo "== conversion: a Hugging Face export (custom code for ALiBi models), verified against megagpt by logits"
+python tools/convert_checkpoint.py --load out/demo/run --to hf --output out/demo/hf --overwrite

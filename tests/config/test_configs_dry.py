@@ -28,7 +28,16 @@ def dataset(tmp_path_factory):
 
 
 def load(name, dataset, *overrides):
-    return load_config(CONFIGS / name, [f"data.data_path={json.dumps([dataset])}", *overrides])
+    """The shipped config with its data (and, where set, init_from and tokenizer files: made by the user first,
+    e.g. tools/convert_checkpoint.py --from-hf) pointed at files that exist here."""
+    raw = json.loads((CONFIGS / name).read_text())
+    stand_ins = []
+    if raw.get("checkpoint", {}).get("init_from"):
+        stand_ins.append(f"checkpoint.init_from={json.dumps(str(Path(dataset).parent))}")
+    for key in ("vocab_file", "merge_file", "tokenizer_file"):
+        if raw.get("tokenizer", {}).get(key):
+            stand_ins.append(f"tokenizer.{key}={json.dumps(dataset + '.idx')}")
+    return load_config(CONFIGS / name, [f"data.data_path={json.dumps([dataset])}", *stand_ins, *overrides])
 
 
 def test_the_presets_are_shipped():

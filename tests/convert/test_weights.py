@@ -101,3 +101,23 @@ def test_a_new_run_starts_from_a_checkpoint_in_any_layout(tiny_run):
 
     again = run_training("python", [*new, "--train-iters", "8", "--save", str(root / "init_one")], 29805)
     assert "initialised the weights" not in again.stdout and "resum" in again.stdout
+
+
+def test_init_from_an_imported_hugging_face_gpt2_computes_its_function(tmp_path):
+    """Continual pretraining of GPT-2: HF GPT-2 -> import_hf -> init_from into a freshly built GPT of the matching
+    model section -> the same logits as transformers' GPT2LMHeadModel."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from megagpt.hf import import_hf
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
+    hf.save_pretrained(tmp_path / "gpt2")
+    imported = import_hf(tmp_path / "gpt2", tmp_path / "init")
+    config = Config.from_dict({**_config().to_dict(), "model": read_model_weights(imported).config["model"]})
+    model = GPT(config.model, init_seed=3)
+    init_from_weights(model, config, imported, tp_rank=0, tp_size=1, pipeline=False)
+    tokens = torch.randint(0, 100, (2, 32))
+    with torch.no_grad():
+        diff = (model.eval()(tokens) - hf(tokens).logits).abs().max().item()
+    assert diff < 1e-5, diff
