@@ -22,12 +22,13 @@ tokenizer adds none and whose BOS is EOD) scores the same token sequences.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
+
+from megagpt.evaluation import score_continuations
 
 import lm_eval.models  # noqa: F401  lm-eval registers its own models (hf, ...) only while its registry is empty
 
@@ -98,26 +99,10 @@ class MegaGPTLM(TemplateLM):
                              f"of {load} (model.seq_len={config.seq_len}); only ALiBi models run longer")
         self._max_gen_toks = _positive_int(max_gen_toks, "max_gen_toks")
         self.seed = int(seed)
-        self.tokenizer_object = self._build_tokenizer(tokenizer_type, vocab_file, merge_file, tokenizer_file,
-                                                      eod_token)
-        if self.tokenizer_object.vocab_size > config.vocab_size:
-            raise ValueError(f"the tokenizer has {self.tokenizer_object.vocab_size} tokens but the model of {load} "
-                             f"only {config.vocab_size} (model.vocab_size): wrong tokenizer?")
+        self.tokenizer_object = self.weights.build_tokenizer(tokenizer_type, vocab_file, merge_file, tokenizer_file,
+                                                             eod_token)
         if self.tokenizer_object.eod is None:
             raise ValueError("the tokenizer has no EOD token, which lm-eval needs as prefix of empty contexts")
-
-    def _build_tokenizer(self, tokenizer_type, vocab_file, merge_file, tokenizer_file, eod_token):
-        from megagpt.data.tokenizers import build_tokenizer
-
-        if tokenizer_type is not None:
-            return build_tokenizer(tokenizer_type, vocab_file=vocab_file, merge_file=merge_file,
-                                   tokenizer_file=tokenizer_file, eod_token=eod_token)
-        if any(arg is not None for arg in (vocab_file, merge_file, tokenizer_file, eod_token)):
-            raise ValueError("megagpt model_args: tokenizer files were given without tokenizer_type")
-        if self.weights.tokenizer_config.type is None:
-            raise ValueError(f"{self.weights.source} records no tokenizer (no 'tokenizer' section in its config): "
-                             f"give tokenizer_type=... and its vocab_file/merge_file/tokenizer_file in model_args")
-        return self.weights.tokenizer_config.build()
 
     # --- what lm-eval asks of a model ---
 
@@ -158,44 +143,18 @@ class MegaGPTLM(TemplateLM):
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """``(log P(continuation | context), continuation is greedy)`` for ``(strings, context_ids, cont_ids)``."""
-        inputs = []  # (model input, continuation) per request
         for strings, context, continuation in requests:
             if not context or not continuation:
                 raise ValueError(f"lm-eval request {strings!r} has an empty context or continuation after "
                                  f"tokenization")
-            if len(continuation) > self.max_length:
-                raise ValueError(f"continuation of {len(continuation)} tokens is longer than max_length="
-                                 f"{self.max_length}: raise max_length (ALiBi models) or shorten the task")
-            # as HFLM: keep the last max_length + 1 tokens, the last one is only predicted
-            inputs.append(((context + continuation)[-(self.max_length + 1):][:-1], continuation))
-        # One forward row per distinct input (choices with one-token answers share their context's row), longest
-        # first as HFLM does: a batch is then padded to its first row and an out-of-memory error comes at once.
-        rows: dict[tuple[int, ...], list[int]] = {}
-        for index, (tokens, _) in enumerate(inputs):
-            rows.setdefault(tuple(tokens), []).append(index)
-        order = sorted(rows, key=lambda tokens: (-len(tokens), tokens))
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
-        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="megagpt loglikelihood")
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            width = len(batch[0])
-            tokens = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, seq in enumerate(batch):
-                tokens[row, :len(seq)] = torch.tensor(seq)
-            logits = self.model(tokens.to(self.device))  # [batch, width, vocab]
-            for row, seq in enumerate(batch):
-                for index in rows[seq]:
-                    continuation = inputs[index][1]
-                    # the continuation's tokens are predicted at the last len(continuation) input positions
-                    scored = F.log_softmax(logits[row, len(seq) - len(continuation):len(seq)].float(), dim=-1)
-                    targets = torch.tensor(continuation, device=scored.device)
-                    logprob = scored.gather(-1, targets[:, None]).sum().item()
-                    greedy = bool((scored.argmax(dim=-1) == targets).all())
-                    results[index] = (logprob, greedy)
-                    if requests[index][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[index][0], results[index])
-                    progress.update(1)
-        progress.close()
+        # as HFLM: the last max_length + 1 tokens of context + continuation, longest first, shared forward rows
+        scores = score_continuations(self.model, [(context, continuation) for _, context, continuation in requests],
+                                     self.max_length, self.batch_size, progress=not disable_tqdm,
+                                     desc="megagpt loglikelihood")
+        results = [(score.logprob, score.is_greedy) for score in scores]
+        for (strings, _, _), result in zip(requests, results):
+            if strings is not None:
+                self.cache_hook.add_partial("loglikelihood", strings, result)
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from megagpt.data.tokenizers import TOKENIZER_ALIASES, build_tokenizer
+from megagpt.data.tokenizers import TOKENIZER_ALIASES
 from megagpt.engine import ranks_from_env
 from megagpt.evaluation import (EvalSettings, EvalTasks, check_lengths, checkpoint_home, checkpoint_step,
                                 evaluate_model, format_table, plot_sweep, setup_shard, teardown, write_json)
@@ -93,17 +93,8 @@ def _mc_tasks(args) -> list[tuple[str, str]]:
 
 def _tokenizer(args, weights, needed: bool):
     """The --tokenizer-* flags if given, else the checkpoint config's tokenizer section (None if not needed)."""
-    if args.tokenizer_type:
-        return build_tokenizer(args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
-                               tokenizer_file=args.tokenizer_file, eod_token=args.eod_token)
-    if any((args.vocab_file, args.merge_file, args.tokenizer_file)):
-        raise ValueError("--vocab-file/--merge-file/--tokenizer-file need --tokenizer-type")
-    recorded = weights.tokenizer_config
-    if recorded.type is None:
-        if needed:
-            recorded.build()  # raises the error that names the flags to give
-        return None
-    return recorded.build()
+    return weights.build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_file,
+                                   args.eod_token, required=needed)
 
 
 def evaluate(argv=None) -> dict:

@@ -212,7 +212,14 @@ def save_universal(universal: Universal, out_dir: str | Path, dtype: str = "fp32
                       "moments": sorted({k for m in universal.moments.values() for k in m})},
         "split_dims": universal.split_dims, "client_state": universal.client_state,
         "engine_state": universal.engine_state, "source": universal.source})
-    if out_dir.exists():  # overwrite: the old directory goes only once the new one is complete
+    move_into_place(partial, out_dir)
+    return out_dir
+
+
+def move_into_place(partial: Path, out_dir: Path) -> None:
+    """Rename the finished ``partial`` directory to ``out_dir``; an existing ``out_dir`` (overwrite) is removed only
+    once the new one is in place, so a crash never leaves neither."""
+    if out_dir.exists():
         old = out_dir.with_name(out_dir.name + ".old")
         if old.exists():
             shutil.rmtree(old)
@@ -221,7 +228,6 @@ def save_universal(universal: Universal, out_dir: str | Path, dtype: str = "fp32
         shutil.rmtree(old)
     else:
         os.rename(partial, out_dir)
-    return out_dir
 
 
 def load_universal(path: str | Path) -> Universal:

@@ -44,14 +44,20 @@ class ModelWeights:
         return TokenizerConfig.from_dict(self.config.get("tokenizer") or {})
 
     def build_tokenizer(self, tokenizer_type: str | None = None, vocab_file: str | None = None,
-                        merge_file: str | None = None, tokenizer_file: str | None = None):
-        """The tokenizer given by the arguments (command-line flags) if ``tokenizer_type`` is set, else the one
-        recorded in the checkpoint's config; checks that the model covers its vocabulary."""
+                        merge_file: str | None = None, tokenizer_file: str | None = None,
+                        eod_token: str | None = None, required: bool = True):
+        """The tokenizer the arguments (command-line flags) describe if ``tokenizer_type`` is set, else the one
+        recorded in the checkpoint's config; None when neither and not ``required``. Checks that the model covers
+        the tokenizer's vocabulary."""
         if tokenizer_type is not None:
             config = TokenizerConfig(type=tokenizer_type, vocab_file=vocab_file, merge_file=merge_file,
-                                     tokenizer_file=tokenizer_file)
+                                     tokenizer_file=tokenizer_file, eod_token=eod_token)
+        elif any(arg is not None for arg in (vocab_file, merge_file, tokenizer_file, eod_token)):
+            raise ValueError("tokenizer files were given without a tokenizer type (--tokenizer-type)")
         else:
             config = self.tokenizer_config
+            if config.type is None and not required:
+                return None
         tokenizer = config.build()
         if tokenizer.vocab_size > self.model_config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model of {self.source} only "
@@ -109,9 +115,11 @@ def save_model_weights(weights: ModelWeights | dict, out_dir: str | Path, config
     return save_universal(universal, out_dir, dtype=dtype, overwrite=overwrite)
 
 
-def check_weights_fit(weights: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
-    """Same parameter names and shapes as ``model`` (a plain GPT), else ValueError listing the differences."""
-    own = {n: p.shape for n, p in model.state_dict().items()}
+def check_weights_fit(weights: dict[str, torch.Tensor], model_config: ModelConfig, source: str) -> None:
+    """Same parameter names and shapes as ``GPT(model_config)``, else ValueError listing the differences."""
+    from megagpt.convert.readers import param_layout
+
+    own = {name: shape for name, (shape, _) in param_layout(model_config).items()}
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     wrong = [f"{n} {tuple(weights[n].shape)} vs {tuple(s)}" for n, s in own.items()
              if n in weights and weights[n].shape != s]
@@ -129,8 +137,8 @@ def build_gpt(weights: ModelWeights, device: str | torch.device = "cpu", dtype: 
     config = model_config or weights.model_config
     if attention_backend is not None:
         config = dataclasses.replace(config, attention_backend=attention_backend)
+    check_weights_fit(weights.weights, config, weights.source)
     model = GPT(config)  # not on the meta device: the ALiBi slopes are plain tensors computed at build time
-    check_weights_fit(weights.weights, model, weights.source)
     model.load_state_dict({n: t.float() for n, t in weights.weights.items()})
     return model.to(device=device, dtype=dtype).eval()
 

@@ -166,15 +166,29 @@ def score_continuations(model: torch.nn.Module, requests: Sequence[tuple[Sequenc
         _check_tokens(whole, model.config.vocab_size, f"request {index}")
         prepared.append((whole[:-1], whole[1:], len(continuation)))
     mine = list(shard.mine(len(prepared)))
-    # longest first (lm-eval's order): similar lengths share a batch, and an out-of-memory shows up at once
-    order = sorted(range(len(mine)), key=lambda j: -len(prepared[mine[j]][0]))
+    # One forward row per distinct input (multiple-choice answers of one token share their context's row), longest
+    # first as lm-eval's HFLM: similar lengths share a batch, and an out-of-memory error shows up at once.
+    distinct: dict[bytes, list[int]] = {}
+    for j in range(len(mine)):
+        distinct.setdefault(prepared[mine[j]][0].tobytes(), []).append(j)
+    groups = sorted(distinct.values(), key=lambda js: -len(prepared[mine[js[0]]][0]))
     rows = np.zeros((len(mine), 3), dtype=np.float64)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
-        chunk = order[start:start + batch_size]
-        inputs = [prepared[mine[j]][0] for j in chunk]
-        targets = [prepared[mine[j]][1] for j in chunk]
-        for j, (logprobs, correct) in zip(chunk, _target_scores(model, inputs, targets)):
-            n = prepared[mine[j]][2]
-            rows[j] = (logprobs[-n:].astype(np.float64).sum(), float(correct[-n:].all()), n)
+    device = model_device(model)
+    for start in tqdm(range(0, len(groups), batch_size), desc=desc, disable=not progress, unit="batch"):
+        chunk = groups[start:start + batch_size]
+        inputs = [prepared[mine[js[0]]][0] for js in chunk]
+        batch = torch.zeros(len(inputs), max(len(x) for x in inputs), dtype=torch.long)
+        for row, x in enumerate(inputs):
+            batch[row, :len(x)] = torch.as_tensor(x)
+        with torch.no_grad():
+            logits = model(batch.to(device)).float()
+        for row, js in enumerate(chunk):
+            for j in js:
+                _, target, n = prepared[mine[j]]
+                # the continuation's n tokens are predicted at the last n input positions
+                scored = torch.log_softmax(logits[row, len(target) - n:len(target)], dim=-1)
+                wanted = torch.as_tensor(target[-n:], device=scored.device)
+                logprob = scored.gather(-1, wanted[:, None]).double().sum().item()
+                rows[j] = (logprob, float((scored.argmax(dim=-1) == wanted).all()), n)
     full = shard.gather(rows, len(prepared), 3)
     return [ContinuationScore(float(lp), bool(ok), int(n)) for lp, ok, n in full]

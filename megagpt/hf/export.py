@@ -13,12 +13,12 @@ random batch, and only then renamed to ``OUT``.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from megagpt.convert.universal import move_into_place
 from megagpt.convert.weights import ModelWeights, build_gpt, read_model_weights
 from megagpt.hf import layouts
 from megagpt.hf.tokenizer import check_hf_tokenizer, resolve_tokenizer, save_hf_tokenizer
@@ -101,19 +101,6 @@ def verify_export(hf_dir: Path, arch: str, weights: ModelWeights, tolerance: flo
         raise ValueError(f"verification failed: the export in {hf_dir} differs from megagpt by {diff:.3g} "
                          f"(tolerance {tolerance:g}); it was left there unfinished for inspection")
     return diff
-
-
-def move_into_place(partial: Path, out_dir: Path) -> None:
-    """Rename ``partial`` to ``out_dir``; an existing ``out_dir`` (overwrite) goes only once that is done."""
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(out_dir, old)
-        os.rename(partial, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.rename(partial, out_dir)
 
 
 def export_hf(source, out_dir: str | Path, *, arch: str = "auto", dtype: str = "fp32", overwrite: bool = False,

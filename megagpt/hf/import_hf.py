@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-from megagpt.convert.universal import DTYPES
-from megagpt.convert.weights import save_model_weights
+from megagpt.convert.universal import DTYPES, move_into_place
+from megagpt.convert.weights import check_weights_fit, save_model_weights
 from megagpt.hf import layouts
-from megagpt.hf.export import move_into_place
 
 # Buffers older GPT-2 checkpoints saved beside the weights (the causal mask); transformers no longer uses them.
 GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")
@@ -73,18 +72,6 @@ def _mapped_weights(hf_dir: Path, mc, model_type: str) -> dict[str, torch.Tensor
         raise ValueError(f"{hf_dir}: the weights do not fit config.json: {err}") from None
 
 
-def _check_fits(weights: dict[str, torch.Tensor], mc, hf_dir: Path) -> None:
-    from megagpt.convert.readers import param_layout
-
-    layout = {name: shape for name, (shape, _) in param_layout(mc).items()}
-    missing, extra = sorted(set(layout) - set(weights)), sorted(set(weights) - set(layout))
-    wrong = [f"{n} {tuple(weights[n].shape)} vs {tuple(s)}" for n, s in layout.items()
-             if n in weights and weights[n].shape != s]
-    if missing or extra or wrong:
-        raise ValueError(f"{hf_dir}: the weights do not fit its config.json: missing {missing[:5]}, unexpected "
-                         f"{extra[:5]}, shapes (file vs config) {wrong[:5]}")
-
-
 def _tokenizer_files(hf_dir: Path) -> tuple[dict, list[str]]:
     """The tokenizer section (bare file names, see ``_in_dir``) and the files to copy; empty when none."""
     if (hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file():
@@ -126,7 +113,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32", o
     mc = _model_config(config, hf_dir / "config.json", make_vocab_size_divisible_by)
     weights = _mapped_weights(hf_dir, mc, config["model_type"])
     weights = {name: t.float() for name, t in weights.items()}
-    _check_fits(weights, mc, hf_dir)
+    check_weights_fit(weights, mc, f"{hf_dir}: the weights (vs its config.json)")
 
     section, files = _tokenizer_files(hf_dir)
     if section:  # built from hf_dir now, so that a tokenizer megagpt cannot read fails before anything is written

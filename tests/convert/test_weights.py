@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from megagpt.config import Config, ModelConfig
+from megagpt.config import Config
 from megagpt.convert import consolidate, is_universal_dir, load_into_engine, load_universal
 from megagpt.convert.weights import (build_gpt, init_from_weights, load_gpt, read_model_weights,
                                      save_model_weights)
