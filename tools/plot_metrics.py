@@ -33,8 +33,10 @@ def _valid_tokens(train: list[dict], valid: list[dict]) -> list[dict]:
     return filled
 
 
-def plot_metrics(paths: list[str | Path], output: str | Path, overwrite: bool = False) -> Path:
-    """Plot every metrics file in ``paths`` into one PNG at ``output`` (written atomically); return its path."""
+def plot_metrics(paths: list[str | Path], output: str | Path, overwrite: bool = False,
+                 labels: list[str] | None = None) -> Path:
+    """Plot every metrics file in ``paths`` into one PNG at ``output`` (written atomically); return its path.
+    ``labels``: one per path (default: the folder holding each file)."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no display on training machines
     import matplotlib.pyplot as plt
@@ -47,13 +49,15 @@ def plot_metrics(paths: list[str | Path], output: str | Path, overwrite: bool = 
     if not paths:
         raise ValueError("no metrics files given")
     fig, (ax_loss, ax_rate) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for path in paths:
+    if labels is not None and len(labels) != len(paths):
+        raise ValueError(f"{len(labels)} labels for {len(paths)} metrics files")
+    for index, path in enumerate(paths):
         records = read_metrics(path)
         train = [r for r in records if "loss" in r]
         if not train:
             raise ValueError(f"{path} holds no train records (lines with 'loss')")
         valid = _valid_tokens(train, [r for r in records if "valid_loss" in r])
-        label = Path(path).resolve().parent.name
+        label = labels[index] if labels is not None else Path(path).resolve().parent.name
         line, = ax_loss.plot(*_series(train, "tokens", "loss"), label=f"{label} train")
         if valid:
             ax_loss.plot(*_series(valid, "tokens", "valid_loss"), "o--", color=line.get_color(),

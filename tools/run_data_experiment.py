@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every variant alike (not data.*)")
     p.add_argument("--device", default="auto", help="training and evaluation device (cpu, cuda, auto)")
+    p.add_argument("--eval-max-windows", type=int, default=None,
+                   help="score at most this many windows per held-out set (a quick look; the same for every variant)")
     p.add_argument("--dry-run", action="store_true", help="check the experiment and print the plan only")
     return p.parse_args(argv)
 
@@ -122,8 +124,11 @@ def main(argv=None) -> int:
                                    ["--config", str(config_path), "--device", args.device]), check=True)
         print(f"== {name}: evaluating", flush=True)
         eval_path = variant_dir / "eval.json"
+        spec = dict(experiment.eval)
+        if args.eval_max_windows is not None:
+            spec["max_windows"] = args.eval_max_windows
         subprocess.run(_launch(args, str(REPO / "tools" / "evaluate.py"),
-                               _eval_args(experiment.eval, run_dir, eval_path, args.device)), check=True)
+                               _eval_args(spec, run_dir, eval_path, args.device)), check=True)
         results[name] = json.loads(eval_path.read_text())["results"]
     table = comparison_table(results)
     (output / "comparison.md.tmp").write_text(table + "\n")
@@ -133,7 +138,7 @@ def main(argv=None) -> int:
     from plot_metrics import plot_metrics  # tools/ is on the path when this file runs as a script
 
     plot_metrics([output / name / "run" / "metrics.jsonl" for name in experiment.configs],
-                 output / "comparison_loss.png", overwrite=True)
+                 output / "comparison_loss.png", overwrite=True, labels=list(experiment.configs))
     print(f"\n{table}\n\nwrote {output / 'comparison.md'}, comparison.json and comparison_loss.png")
     return 0
 
