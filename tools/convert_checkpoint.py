@@ -33,7 +33,7 @@ if __name__ == "__main__":  # run from a checkout without installing: the reposi
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megagpt.convert import consolidate, save_universal  # noqa: E402
-from megagpt.convert.universal import DTYPES, weights_only  # noqa: E402
+from megagpt.convert.universal import DTYPES  # noqa: E402
 
 TOKENIZER_FLAGS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_file", "eod_token")
 
@@ -99,9 +99,7 @@ def check_combinations(args: argparse.Namespace) -> None:
 
 def _consolidate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    universal = consolidate(args.load, progress=not args.quiet)
-    if args.weights_only:
-        universal = weights_only(universal)
+    universal = consolidate(args.load, progress=not args.quiet, weights_only=args.weights_only)
     out = save_universal(universal, args.output, dtype=args.dtype, overwrite=args.overwrite)
     universal.weights_dtype = args.dtype
     drift = universal.source.get("replicas_differing")

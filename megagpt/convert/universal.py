@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from megagpt.config import Config
-from megagpt.convert.readers import (Layout, load_model_states, param_layout, read_layout, read_tp_shards,
-                                     resolve_step_dir)
+from megagpt.convert.readers import (Layout, ParamShard, load_model_states, param_layout, read_layout,
+                                     read_tp_shards, resolve_step_dir)
 
 FORMAT, VERSION = "megagpt-universal", 1
 MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.safetensors"
@@ -100,9 +100,11 @@ def _merge(name: str, parts: list, dim: int | None, notes: dict) -> tuple[torch.
     return master, dict(parts[0].moments)  # moments of a replica: rank 0's
 
 
-def consolidate(path: str | Path, progress: bool = False) -> Universal:
+def consolidate(path: str | Path, progress: bool = False, weights_only: bool = False) -> Universal:
     """Consolidate the checkpoint in ``path`` (a save directory's ``latest`` or a step directory), written with
-    any tp and dp, ZeRO-0/1/2 (pp=1) or ZeRO-1 (pp>1), torch AdamW or bitsandbytes 8-bit, into a ``Universal``."""
+    any tp and dp, ZeRO-0/1/2 (pp=1) or ZeRO-1 (pp>1), torch AdamW or bitsandbytes 8-bit, into a ``Universal``.
+    ``weights_only``: drop each shard's optimizer moments as soon as it is read (evaluation, export: a third of
+    the memory of a full consolidation); the result then has ``optimizer == "none"``."""
     from tqdm import tqdm
 
     layout: Layout = read_layout(resolve_step_dir(path))
@@ -114,6 +116,8 @@ def consolidate(path: str | Path, progress: bool = False) -> Universal:
     for name, tp_rank, shard in read_tp_shards(layout, progress, tied_notes):
         if name not in expected:
             raise ValueError(f"{layout.step_dir} holds parameter {name!r}, which the model of its config.json lacks")
+        if weights_only:
+            shard = ParamShard(shard.master, {}, shard.step)
         parts.setdefault(name, [None] * layout.tp)[tp_rank] = shard
         codes = codes or shard.codes
     missing = [n for n in expected if n not in parts or any(p is None for p in parts[n])]
@@ -129,7 +133,7 @@ def consolidate(path: str | Path, progress: bool = False) -> Universal:
         steps.update(p.step for p in parts.pop(name))  # freed as we go: only the merged copy stays
     if len(steps) != 1:
         raise ValueError(f"{layout.step_dir}: parameters were stepped different numbers of times {sorted(steps)}")
-    family = "torch" if "exp_avg" in next(iter(moments.values())) else "bitsandbytes"
+    family = "none" if weights_only else "torch" if "exp_avg" in next(iter(moments.values())) else "bitsandbytes"
     states = load_model_states(layout.step_dir, 0)
     source = {"layout": layout.describe(), "step_dir": str(layout.step_dir)}
     for name, diff in tied_notes.items():
@@ -168,14 +172,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def weights_only(universal: Universal) -> Universal:
-    """``universal`` without its optimizer state (a release, or the input of ``checkpoint.init_from``)."""
-    return Universal(config=universal.config, weights=universal.weights, moments={}, split_dims=universal.split_dims,
-                     optimizer="none", step=universal.step, client_state=universal.client_state,
-                     engine_state=universal.engine_state, source=universal.source,
-                     weights_dtype=universal.weights_dtype)
 
 
 def save_universal(universal: Universal, out_dir: str | Path, dtype: str = "fp32", overwrite: bool = False) -> Path:

@@ -97,7 +97,7 @@ def read_model_weights(path: str | Path, model_config: str | Path | None = None,
 
         return ModelWeights(json.loads((path / CONFIG_FILE).read_text()), load_file(str(path / MODEL_FILE)),
                             f"consolidated checkpoint {path}")
-    universal = consolidate(path, progress=progress)
+    universal = consolidate(path, progress=progress, weights_only=True)
     return ModelWeights(universal.config, universal.weights,
                         f"{universal.source['step_dir']} ({universal.source['layout']})")
 
