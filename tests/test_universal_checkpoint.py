@@ -15,7 +15,7 @@ import torch
 
 from megagpt.convert import (Universal, consolidate, is_universal_dir, load_universal, param_layout, save_universal,
                              tp_slice)
-from testing_utils import REPO, losses, read_jsonl, run_training
+from testing_utils import REPO, TESTS_DIR, losses, read_jsonl, run_training
 
 CONVERT = str(REPO / "tools" / "convert_checkpoint.py")
 
@@ -326,6 +326,7 @@ ROUND_TRIP = textwrap.dedent("""
     from megagpt.checkpoint import save_checkpoint
     from megagpt.config import Config
     from megagpt.convert import consolidate, load_into_engine
+    from testing_utils import assert_same_optimizer_state
     from megagpt.engine import build_engine, build_process_groups, init_distributed, launch_from_env
 
     save, tp, stage, precision, kind = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
@@ -351,25 +352,7 @@ ROUND_TRIP = textwrap.dedent("""
     load_into_engine(fresh, universal)
     for (name, a), b in zip(trained.module.named_parameters(), fresh.module.parameters()):
         assert torch.equal(a, b), f"module weight {name} differs"
-    if stage:
-        for g, (a, b) in enumerate(zip(trained.optimizer.single_partition_of_fp32_groups,
-                                       fresh.optimizer.single_partition_of_fp32_groups)):
-            assert torch.equal(a, b), f"group {g}: fp32 master slices differ"
-    base_a = trained.optimizer.optimizer if stage else trained.optimizer
-    base_b = fresh.optimizer.optimizer if stage else fresh.optimizer
-    checked, dtypes = 0, set()
-    for pa, pb in zip(base_a.state, base_b.state):
-        sa, sb = base_a.state[pa], base_b.state[pb]
-        assert sorted(k for k in sa if torch.is_tensor(sa[k])) == sorted(k for k in sb if torch.is_tensor(sb[k]))
-        for key, value in sa.items():
-            if torch.is_tensor(value) and key != "step":
-                assert value.dtype == sb[key].dtype, (key, value.dtype, sb[key].dtype)
-                n = min(value.numel(), sb[key].numel())  # ZeRO padding past the parameters is never read
-                assert torch.equal(value.flatten()[:n], sb[key].flatten()[:n]), f"{key} differs"
-                checked += 1
-                if key.startswith(("state", "exp_avg")):
-                    dtypes.add(str(value.dtype))
-        assert float(sa["step"]) == float(sb["step"])
+    checked, dtypes = assert_same_optimizer_state(trained, fresh, stage)
 
     save_checkpoint(fresh, save, 4, {"megagpt": {"step": 3}}, config, launch.rank)  # the same state as step 3
     again = consolidate(save / "step4")
@@ -396,7 +379,7 @@ def test_same_layout_round_trip_through_universal_is_exact(tmp_path, launcher, t
     script = tmp_path / "round_trip.py"
     script.write_text(ROUND_TRIP)
     result = run_training(launcher, [str(tmp_path / "save"), str(tp), str(stage), precision, kind], port,
-                          script=str(script), timeout=240)
+                          script=str(script), timeout=240, env={"PYTHONPATH": TESTS_DIR})
     ranks = 1 if launcher == "python" else 2
     for rank in range(ranks):
         assert f"rank {rank}: " in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

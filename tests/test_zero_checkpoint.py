@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megagpt.zero_checkpoint import zero_shard_files
-from testing_utils import run_training
+from testing_utils import TESTS_DIR, run_training
 
 ROUND_TRIP = textwrap.dedent("""
     import sys, torch
@@ -18,6 +18,7 @@ ROUND_TRIP = textwrap.dedent("""
     from megagpt.engine import build_engine, init_distributed, launch_from_env
     from megagpt.model import language_model_loss
     from megagpt.zero_checkpoint import load_zero_state, read_zero_state
+    from testing_utils import assert_same_optimizer_state
 
     save, stage, precision, kind = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     config = Config.from_dict({
@@ -40,22 +41,8 @@ ROUND_TRIP = textwrap.dedent("""
     fresh = build_engine(config, launch)
     fresh.load_checkpoint(str(save), tag="step3", load_optimizer_states=False)
     load_zero_state(fresh, read_zero_state(save / "step3"))
-    for g, (a, b) in enumerate(zip(trained.optimizer.single_partition_of_fp32_groups,
-                                   fresh.optimizer.single_partition_of_fp32_groups)):
-        assert torch.equal(a, b), f"group {g}: fp32 master slices differ"
-    base_a, base_b = trained.optimizer.optimizer, fresh.optimizer.optimizer
-    checked = 0
-    for pa, pb in zip(base_a.state, base_b.state):
-        sa, sb = base_a.state[pa], base_b.state[pb]
-        assert sorted(k for k in sa if torch.is_tensor(sa[k])) == sorted(k for k in sb if torch.is_tensor(sb[k]))
-        for key, value in sa.items():
-            if torch.is_tensor(value) and key != "step":
-                assert value.dtype == sb[key].dtype, (key, value.dtype, sb[key].dtype)
-                # equal where the optimizer looks; padding past the parameters is never read
-                n = min(value.numel(), sb[key].numel())
-                assert torch.equal(value.flatten()[:n], sb[key].flatten()[:n]), f"{key} differs"
-                checked += 1
-    dtypes = sorted({str(v.dtype) for s in base_b.state.values() for k, v in s.items() if k.startswith("state")})
+    checked, dtypes = assert_same_optimizer_state(trained, fresh, stage)
+    dtypes = sorted(dtypes)
     print(f"rank {launch.rank}: {checked} state tensors equal; state dtypes {dtypes}", flush=True)
 """)
 
@@ -70,7 +57,7 @@ def test_two_rank_zero_state_round_trips_exactly_through_per_parameter_tensors(t
     script = tmp_path / "round_trip.py"
     script.write_text(ROUND_TRIP)
     result = run_training("torchrun", [str(tmp_path / "save"), str(stage), precision, kind], 29691 + stage,
-                          script=str(script))
+                          script=str(script), env={"PYTHONPATH": TESTS_DIR})
     for rank in (0, 1):
         assert f"rank {rank}: " in result.stdout, result.stdout
     if dtypes:  # 8-bit moments for the matrices, 32-bit for the embedding group

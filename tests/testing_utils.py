@@ -135,3 +135,36 @@ def assert_same_curve_as_one_rank(run: list[dict], one_rank: list[dict]) -> None
     np.testing.assert_allclose(losses(run), losses(one_rank), rtol=0, atol=1e-4)
     np.testing.assert_allclose(losses(run, "grad_norm"), losses(one_rank, "grad_norm"), rtol=1e-4)
     np.testing.assert_allclose(losses(run, "valid_loss"), losses(one_rank, "valid_loss"), rtol=0, atol=1e-4)
+
+
+# --- engine state comparisons, also used by the round-trip scripts the tests run in subprocesses ---
+TESTS_DIR = str(REPO / "tests")  # PYTHONPATH for those scripts, so that they can import this module
+
+
+def assert_same_optimizer_state(trained, fresh, zero_stage: int) -> tuple[int, set[str]]:
+    """Assert that two DeepSpeed engines hold the same optimizer state: ZeRO's fp32 master partitions (stage >= 1)
+    and every state tensor of the wrapped optimizer, compared where the optimizer reads (ZeRO pads flat partitions
+    past the parameters; the padding is never read). Returns (tensors compared, dtypes of the moments)."""
+    import torch
+
+    if zero_stage:
+        for g, (a, b) in enumerate(zip(trained.optimizer.single_partition_of_fp32_groups,
+                                       fresh.optimizer.single_partition_of_fp32_groups)):
+            assert torch.equal(a, b), f"group {g}: fp32 master slices differ"
+    base_a = trained.optimizer.optimizer if zero_stage else trained.optimizer
+    base_b = fresh.optimizer.optimizer if zero_stage else fresh.optimizer
+    checked, dtypes = 0, set()
+    for pa, pb in zip(base_a.state, base_b.state):
+        sa, sb = base_a.state[pa], base_b.state[pb]
+        assert sorted(k for k in sa if torch.is_tensor(sa[k])) == sorted(k for k in sb if torch.is_tensor(sb[k]))
+        for key, value in sa.items():
+            if torch.is_tensor(value) and key != "step":
+                assert value.dtype == sb[key].dtype, (key, value.dtype, sb[key].dtype)
+                n = min(value.numel(), sb[key].numel())
+                assert torch.equal(value.flatten()[:n], sb[key].flatten()[:n]), f"{key} differs"
+                checked += 1
+                if key.startswith(("state", "exp_avg")):
+                    dtypes.add(str(value.dtype))
+        if "step" in sa:
+            assert float(sa["step"]) == float(sb["step"])
+    return checked, dtypes
