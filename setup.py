@@ -1,12 +1,18 @@
 """megagpt: a DeepSpeed/Megatron-style GPT pretraining system.
 
 The C++ data helpers in csrc/ are compiled here, at install time, never at run time.
-The Triton kernels live in the top-level kernels/ folder but are installed as
-``megagpt.kernels``: a top-level module named ``kernels`` would clash with the
-PyPI package of that name, which bitsandbytes tries to import.
+The Triton kernels live in the top-level kernels/ folder (no __init__.py, so it never shadows the PyPI package
+``kernels``) and are imported as ``megagpt.kernels``: a regular install copies them into that package (below), a
+checkout or editable install finds them through its ``__path__`` (megagpt/kernels/__init__.py).
+
+For reproducible installs use ``bash tools/install.sh`` (requirements/cpu.lock); the bounds below are loose on
+purpose, for people installing megagpt into an environment of their own.
 """
+import os
+
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 helpers = Pybind11Extension(
     "megagpt.data._helpers",
@@ -15,15 +21,28 @@ helpers = Pybind11Extension(
     extra_compile_args=["-O3"],
 )
 
+
+class build_py_with_kernels(build_py):
+    """A regular build also ships the top-level kernels/*.py inside megagpt/kernels/."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # editable: megagpt.kernels.__path__ reaches the checkout's kernels/ folder
+        target = os.path.join(self.build_lib, "megagpt", "kernels")
+        for name in sorted(os.listdir("kernels")):
+            if name.endswith(".py"):
+                self.copy_file(os.path.join("kernels", name), os.path.join(target, name))
+
+
 setup(
     name="megagpt",
     version="0.1.0",
     description="GPT pretraining with DeepSpeed, Megatron-style parallelism and Triton ALiBi kernels",
     python_requires=">=3.10",
-    packages=find_packages(include=["megagpt", "megagpt.*"]) + ["megagpt.kernels"],
-    package_dir={"megagpt.kernels": "kernels"},
+    packages=find_packages(include=["megagpt", "megagpt.*"]),
     ext_modules=[helpers],
-    cmdclass={"build_ext": build_ext},
+    cmdclass={"build_ext": build_ext, "build_py": build_py_with_kernels},
     install_requires=[
         # torch is deliberately absent here: the install scripts pin it first
         # (tools/install.sh), so that pip never resolves an unpinned torch.

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
+source tools/venv.sh
 mkdir -p out/demo
 python tools/preprocess_data.py \
   --input data/shakespeare/tinyshakespeare.txt --txt-separator '\n\n' \

@@ -1,8 +1,32 @@
 #!/usr/bin/env bash
-# Install megagpt and its dependencies on a CPU machine (this project's dev machines and CI).
-# torch is pinned first and on its own: an unpinned torch requirement would make pip pull the newest
-# CUDA build (gigabytes). requirements-cpu.txt keeps every later resolution on the same versions.
+# Install megagpt and every dependency, at the versions of requirements/cpu.lock, into the project's virtual
+# environment: the active one if a virtual environment is active, else .venv (made here if absent). Never into the
+# system interpreter. Later commands use it through `source tools/venv.sh`.
+#
+# The lock is installed with --no-deps: pip installs exactly the locked set and resolves nothing, so two machines
+# a month apart get the same versions. torch comes from the CPU wheel these machines carry (pip's find-links); on
+# another machine point PIP_FIND_LINKS or PIP_EXTRA_INDEX_URL at the PyTorch CPU wheels. Regenerate the lock with
+# `bash tools/lock.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q --disable-pip-version-check torch==2.13.0
-python -m pip install -q --disable-pip-version-check -c requirements-cpu.txt -e ".[train,hf,eval,dev]"
+source tools/venv.sh --create
+pip_install() {
+  # These machines' pip configuration names local index folders that lack most packages, and pip warns once per
+  # package about them: those lines only are dropped, every other message is shown.
+  local log rc=0
+  log="$(mktemp)"
+  python -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1 || rc=$?
+  grep -v "is ignored: it is neither a file nor a directory" "$log" || true
+  rm -f "$log"
+  return "$rc"
+}
+stamp="$VIRTUAL_ENV/.megagpt-lock.sha256"
+lock_sum="$(sha256sum requirements/cpu.lock setup.py pyproject.toml csrc/*.cpp | sha256sum | cut -d' ' -f1)"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$lock_sum@$PWD" ]] && python -c "import megagpt.data._helpers" 2>/dev/null; then
+  exit 0   # this checkout is already installed from this lock into this environment
+fi
+pip_install --no-deps -r requirements/cpu.lock
+# No build isolation: the build uses the locked setuptools and pybind11 rather than whatever is newest today.
+pip_install --no-deps --no-build-isolation -e .
+python -m pip check
+echo "$lock_sum@$PWD" > "$stamp"

@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
+source tools/venv.sh
 python -m pytest -q --durations=30 tests "$@"

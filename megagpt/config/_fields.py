@@ -145,7 +145,7 @@ def read_json_file(path, what: str):
     from pathlib import Path
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # a leading BOM is a marker, not data
     except FileNotFoundError:
         raise ValueError(f"{what} {path} does not exist") from None
     except json.JSONDecodeError as err:

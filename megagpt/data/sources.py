@@ -76,15 +76,50 @@ def find_sources(inputs: list[str]) -> list[Source]:
     return [source_for(p) for p in paths]
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class _Prefixed(io.RawIOBase):
+    """A read-only stream that yields ``head`` and then the rest of ``stream``."""
+
+    def __init__(self, head: bytes, stream):
+        super().__init__()
+        self._head, self._stream = head, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n], self._head = self._head[:n], self._head[n:]
+            return n
+        data = self._stream.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
+
+
 def open_binary(source: Source) -> io.BufferedIOBase:
-    """Open a (possibly compressed) file as a stream of decompressed bytes."""
+    """Open a (possibly compressed) file as a stream of decompressed bytes.
+
+    A UTF-8 byte-order mark at the start (editors on Windows write one) is an encoding marker, not data: it is
+    dropped here, so the first record parses like every other."""
     if source.compression == "gz":
-        return gzip.open(source.path, "rb")
-    if source.compression == "zst":
+        stream = gzip.open(source.path, "rb")
+    elif source.compression == "zst":
         import zstandard
-        return zstandard.ZstdDecompressor().stream_reader(open(source.path, "rb"), read_across_frames=True,
-                                                          closefd=True)
-    return open(source.path, "rb")
+        stream = zstandard.ZstdDecompressor().stream_reader(open(source.path, "rb"), read_across_frames=True,
+                                                            closefd=True)
+    else:
+        stream = open(source.path, "rb")
+    head = b""
+    while len(head) < len(UTF8_BOM) and (more := stream.read(len(UTF8_BOM) - len(head))):
+        head += more
+    return io.BufferedReader(_Prefixed(b"" if head == UTF8_BOM else head, stream), buffer_size=1 << 20)
 
 
 def _nth_newline_end(buf: bytes, n: int) -> int:

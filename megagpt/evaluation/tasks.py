@@ -40,7 +40,7 @@ def read_jsonl(path: str | Path, flag: str, limit: int | None = None) -> list[tu
     if not path.is_file():
         raise ValueError(f"{flag} {path} does not exist")
     records = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a leading BOM is a marker, not data
         for lineno, line in enumerate(f, 1):
             if limit is not None and len(records) >= limit:
                 break

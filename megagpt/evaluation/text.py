@@ -26,7 +26,7 @@ def read_text_file(path: str | Path) -> str:
     if not path.is_file():
         raise ValueError(f"--text-file {path} does not exist")
     try:
-        return path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8-sig")  # a leading BOM is a marker, not data
     except UnicodeDecodeError as err:
         raise ValueError(f"--text-file {path} is not UTF-8 (byte {err.start}: {err.reason})") from None
 

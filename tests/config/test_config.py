@@ -219,3 +219,10 @@ def test_loading_a_config_imports_neither_torch_nor_deepspeed(tmp_path, dataset)
             "print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_byte_order_mark_before_the_config_is_not_data(config_file, tmp_path):
+    plain = config_file()
+    marked = tmp_path / "marked.json"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert load_config(marked) == load_config(plain)

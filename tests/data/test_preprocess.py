@@ -191,3 +191,39 @@ def test_input_errors_are_clear(tmp_path, tok):
         _run(tmp_path, [tmp_path / "a.jsonl", tmp_path / "a.jsonl"], tok)
     with pytest.raises(ValueError, match="--shard-index"):
         _run(tmp_path, [tmp_path / "a.jsonl"], tok, num_shards=2, shard_index=2)
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("name,opener", [("bom.jsonl", open), ("bom.json", open), ("bom.jsonl.gz", gzip.open),
+                                         ("bom.jsonl.zst", None)])
+def test_byte_order_mark_is_not_data(tmp_path, tok, name, opener):
+    """A UTF-8 BOM before the first record is an encoding marker: the first record is kept, nothing is skipped,
+    and the output equals the same file without the mark."""
+    rows = [{"text": "first record"}, {"text": "second"}]
+    payload = BOM + b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+    path = tmp_path / name
+    if opener is None:
+        with zstandard.ZstdCompressor().stream_writer(open(path, "wb")) as f:
+            f.write(payload)
+    else:
+        with opener(path, "wb") as f:
+            f.write(payload)
+    report = _run(tmp_path, [path], tok, unit_bytes=8)
+    assert report["skipped"] == {} and report["documents_written"] == 2
+    assert _docs_of(tmp_path / "out_text_document") == [tok.encode(r["text"]).tolist() for r in rows]
+
+
+def test_byte_order_mark_in_txt_inputs(tmp_path, tok):
+    (tmp_path / "a.txt").write_bytes(BOM + "Ünïcode first\n\nsecond".encode())
+    _run(tmp_path, [tmp_path / "a.txt"], tok, txt_separator="\n\n", ftfy=False)  # ftfy alone would drop it
+    assert _docs_of(tmp_path / "out_text_document") == [tok.encode(t).tolist() for t in ("Ünïcode first", "second")]
+
+
+def test_a_bom_only_in_the_middle_stays_data(tmp_path, tok):
+    """Only the file's first bytes are a marker; U+FEFF inside a record is text and is tokenised as such
+    (after ftfy, which keeps it)."""
+    (tmp_path / "a.txt").write_bytes(b"x" + BOM + b"y")
+    _run(tmp_path, [tmp_path / "a.txt"], tok, ftfy=False)
+    assert _docs_of(tmp_path / "out_text_document") == [tok.encode("x\ufeffy").tolist()]

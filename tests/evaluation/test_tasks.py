@@ -117,3 +117,11 @@ def test_unknown_layout_and_bad_lambada(trained_byte_model, tmp_path):
     with pytest.raises(ValueError, match=r"lam\.jsonl:2: 'text' needs a context and a last word"):
         evaluate_lambada(trained_byte_model, TOK, path, 32, 1)
     assert evaluate_lambada(trained_byte_model, TOK, path, 32, 1, limit=1)["examples"] == 1
+
+
+def test_a_byte_order_mark_keeps_the_first_example(tmp_path):
+    rows = [{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}, {"goal": "h", "sol1": "c", "sol2": "d", "label": 1}]
+    path = tmp_path / "marked.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    fmt, examples = read_multiple_choice(path, "auto")
+    assert len(examples) == 2 and examples[0].label == 0 and examples[1].label == 1

@@ -78,3 +78,12 @@ def test_data_split_is_the_training_document_split(byte_model, tmp_path):
         evaluate_data(byte_model, tmp_path / "corpus", "100,0,0", "valid", 32, 32, 4)
     with pytest.raises(ValueError, match="corpus.idx not found"):
         split_tokens(tmp_path / "missing" / "corpus", "80,15,5", "valid")
+
+
+def test_a_byte_order_mark_is_not_text(byte_model, tmp_path):
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_bytes("naïve text, twice naïve".encode())
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    a = evaluate_text(byte_model, ByteLevelTokenizer(), plain, 8, 4, 2)
+    b = evaluate_text(byte_model, ByteLevelTokenizer(), marked, 8, 4, 2)
+    assert {k: v for k, v in a.items() if k != "task"} == {k: v for k, v in b.items() if k != "task"}
