@@ -10,23 +10,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/venv.sh --create
-pip_install() {
-  # These machines' pip configuration names local index folders that lack most packages, and pip warns once per
-  # package about them: those lines only are dropped, every other message is shown.
-  local log rc=0
-  log="$(mktemp)"
-  python -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1 || rc=$?
-  grep -v "is ignored: it is neither a file nor a directory" "$log" || true
-  rm -f "$log"
-  return "$rc"
-}
 stamp="$VIRTUAL_ENV/.megagpt-lock.sha256"
 lock_sum="$(sha256sum requirements/cpu.lock setup.py pyproject.toml csrc/*.cpp | sha256sum | cut -d' ' -f1)"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$lock_sum@$PWD" ]] && python -c "import megagpt.data._helpers" 2>/dev/null; then
   exit 0   # this checkout is already installed from this lock into this environment
 fi
-pip_install --no-deps -r requirements/cpu.lock
+megagpt_pip install --no-deps -r requirements/cpu.lock
 # No build isolation: the build uses the locked setuptools and pybind11 rather than whatever is newest today.
-pip_install --no-deps --no-build-isolation -e .
+megagpt_pip install --no-deps --no-build-isolation -e .
 python -m pip check
 echo "$lock_sum@$PWD" > "$stamp"

@@ -21,3 +21,14 @@ fi
 export PATH="$VIRTUAL_ENV/bin:$PATH"
 hash -r
 unset _megagpt_root _megagpt_py
+
+# `megagpt_pip install ...`: pip in this environment, quietly. These machines' pip configuration names local index
+# folders that lack most packages and pip warns once per package about them: those lines only are dropped.
+megagpt_pip() {
+  local log rc=0
+  log="$(mktemp)"
+  python -m pip "$1" -q --disable-pip-version-check "${@:2}" >"$log" 2>&1 || rc=$?
+  grep -v "is ignored: it is neither a file nor a directory" "$log" || true
+  rm -f "$log"
+  return "$rc"
+}

@@ -21,7 +21,7 @@ class MegaGPTConfig(PreTrainedConfig):
     initializer_range."""
 
     model_type = "megagpt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 50257
     max_position_embeddings: int = 2048

@@ -14,7 +14,9 @@ people who load an export do not have megagpt installed) and computes exactly me
 
 The fused QKV projection keeps megagpt's layout: output features ``[heads, 3 (q, k, v), head_dim]``.
 Attention scores, bias and softmax are computed in float32 whatever the weights' dtype, as megagpt's reference
-backend does. Generation uses transformers' ``Cache`` (``DynamicCache.update(key, value, layer_idx)``);
+backend does. Generation uses transformers' ``Cache`` (``DynamicCache.update(key, value, layer_idx)``), passed as
+``cache`` (transformers >= 5.2x) or ``past_key_values`` (earlier releases; both are accepted, and outputs use
+the field name the installed transformers declares);
 ``attention_mask`` masks padding keys, which is exact for left padding: ALiBi depends on ``i - j`` only, and
 learned positions are taken from ``position_ids`` (``generate`` derives them from the mask).
 """
@@ -28,6 +30,16 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_megagpt import MegaGPTConfig
+
+# transformers renamed the cache argument and output field from ``past_key_values`` to ``cache`` (5.2x); the old
+# names still work there with a deprecation warning. Use whichever the installed release declares.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _the_cache(cache, past_key_values):
+    if cache is not None and past_key_values is not None:
+        raise ValueError("give the cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
 
 
 # ---- ALiBi (Press et al., 2022), as megagpt/model/alibi.py ------------------------------------------------
@@ -129,7 +141,7 @@ class MegaGPTPreTrainedModel(PreTrainedModel):
     config_class = MegaGPTConfig
     base_model_prefix = "model"
     _no_split_modules = ["MegaGPTBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
 
 
 class MegaGPTModel(MegaGPTPreTrainedModel):
@@ -174,7 +186,9 @@ class MegaGPTModel(MegaGPTPreTrainedModel):
         return self.position_embeddings(position_ids)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
+                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, cache=None,
+                **kwargs):
+        past_key_values = _the_cache(cache, past_key_values)
         if kwargs.get("output_attentions"):
             raise ValueError("MegaGPT does not return attention weights (output_attentions=True)")
         if (input_ids is None) == (inputs_embeds is None):
@@ -211,9 +225,8 @@ class MegaGPTModel(MegaGPTPreTrainedModel):
         hidden = self.final_norm(hidden)
         if output_hidden_states:  # as GPT-2: the last entry is after the final norm
             all_hidden = all_hidden[:-1] + (hidden,)
-        output = BaseModelOutputWithPast(last_hidden_state=hidden,
-                                         past_key_values=past_key_values if use_cache else None,
-                                         hidden_states=all_hidden)
+        output = BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=all_hidden,
+                                         **{CACHE_FIELD: past_key_values if use_cache else None})
         return output if return_dict else output.to_tuple()
 
 
@@ -243,10 +256,10 @@ class MegaGPTForCausalLM(MegaGPTPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, return_dict=None,
-                logits_to_keep=0, **kwargs):
+                logits_to_keep=0, cache=None, **kwargs):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         past_key_values=_the_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, return_dict=True,
                          output_attentions=kwargs.get("output_attentions"))
         hidden = out.last_hidden_state
@@ -264,8 +277,8 @@ class MegaGPTForCausalLM(MegaGPTPreTrainedModel, GenerationMixin):
                                    reduction="mean" if num_items is None else "sum")
             if num_items is not None:  # Trainer's gradient-accumulation-aware normalisation
                 loss = loss / num_items
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                        hidden_states=out.hidden_states)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
         return output if return_dict else output.to_tuple()
 
 

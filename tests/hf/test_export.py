@@ -4,6 +4,7 @@ Every export kind is compared by logits against the megagpt model it came from (
 transformers' own loading (AutoModelForCausalLM), and by cached greedy generation."""
 import ast
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,10 +110,13 @@ def test_custom_model_cache_labels_and_tuples(exports, tokens):
     with torch.no_grad():
         full = hf(tokens, use_cache=False).logits
         prefill = hf(tokens[:, :20], use_cache=True)
-        cache, steps = prefill.past_key_values, []
+        # the cache under both argument names: `past_key_values` (every transformers 5) and the field name the
+        # installed release declares (`cache` since 5.2x, where generate() passes it so)
+        field = sys.modules[type(hf).__module__].CACHE_FIELD
+        cache, steps = getattr(prefill, field), []
         for i in range(20, 24):
-            step = hf(tokens[:, i:i + 1], past_key_values=cache, use_cache=True)
-            cache = step.past_key_values
+            step = hf(tokens[:, i:i + 1], use_cache=True, **{("past_key_values", field)[i % 2]: cache})
+            cache = getattr(step, field)
             steps.append(step.logits)
         diff = _diff(torch.cat([prefill.logits, *steps], dim=1), full[:, :24])
         loss = hf(tokens, labels=tokens).loss
