@@ -64,7 +64,8 @@ def build_schedules(config: Config) -> tuple[LRScheduler, SeqLenWarmup]:
     per_unit = 1 if sched.lr_decay_unit == "steps" else config.tokens_per_step
     lr = LRScheduler(LRSchedule(peak_lr=config.optimizer.lr, min_lr=config.optimizer.min_lr,
                                 warmup=sched.warmup_iters * per_unit, total=sched.train_iters * per_unit,
-                                constant_fraction=sched.constant_fraction, unit=sched.lr_decay_unit))
+                                constant_fraction=sched.constant_fraction, unit=sched.lr_decay_unit,
+                                decay_style=sched.lr_decay_style))
     if sched.seq_len_stages is not None:
         seq = SeqLenSchedule.from_stages(full_len, sched.seq_len_stages)
     elif sched.seq_len_ramp is not None:
