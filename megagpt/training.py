@@ -228,7 +228,7 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
             seq_len = warmup.seq_len
             # each micro batch keeps its own samples' labels, every one of them (megagpt/optim/seq_len_schedule.py)
             micro_batches = warmup.next_step([torch.from_numpy(m) for m in loader.next_step()])
-            step_tokens = config.batch.global_batch * config.model.seq_len
+            step_tokens = config.tokens_per_step  # every label of the step's samples, whatever the row length
             lr = lr_scheduler.step(step_tokens, engine.optimizer)
             step_losses, plain_norm = [], None
             if pipeline:
