@@ -1,9 +1,9 @@
 """The training loop: data, schedules, steps, logging, evaluation, checkpoints and clean stops.
 
 One optimizer step: the loader hands this rank its full-length micro batches; the sequence-length
-warmup re-packs each into (inputs, labels) rows of the step's length (it advances once per step); the LR schedule sets
-the learning rate; then each micro batch runs forward, ``engine.backward`` and ``engine.step``
-(DeepSpeed accumulates and steps the optimizer on the last one). Everything that decides what a step
+warmup re-packs each into (inputs, labels) rows of the step's length, every label kept (it advances once
+per step); the LR schedule sets the learning rate; then each micro batch runs forward, ``engine.backward``
+and ``engine.step`` (DeepSpeed accumulates and steps the optimizer on the last one). Everything that decides what a step
 computes — loader position, schedules, RNG states — is checkpointed, so a resumed run repeats the
 uninterrupted one bit for bit.
 """
