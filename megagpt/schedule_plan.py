@@ -43,15 +43,18 @@ class SchedulePlan:
         return self.tokens_per_step * len(self.lrs)
 
     def seq_len_at(self, step: int) -> int:
-        """Row length of step ``step``."""
-        return next(stage.seq_len for stage in self.stages if stage.first <= step <= stage.last)
+        """Row length of step ``step`` (0-based); ValueError past the last step."""
+        for stage in self.stages:
+            if stage.first <= step <= stage.last:
+                return stage.seq_len
+        raise ValueError(f"step {step} is not in this run's steps 0..{len(self.lrs) - 1}")
 
     def milestones(self) -> list[tuple[str, int]]:
         """(name, step) of the points a recipe states: the first step, the end of warmup, the start of the
         constant tail (where the decay reaches min_lr), the last step."""
         last = len(self.lrs) - 1
         tail = self.decay_end_step
-        share = 100 * tail * self.tokens_per_step / self.total_tokens
+        share = 100 * (tail + 1) * self.tokens_per_step / self.total_tokens  # trained once that step is done
         return [("first step", 0), ("end of warmup", self.warmup_end_step),
                 (f"min_lr reached, {share:.0f} % of the tokens", tail), ("last step", last)]
 
@@ -73,7 +76,8 @@ def schedule_plan(config: Config) -> SchedulePlan:
     micro, full_len = config.batch.micro_batch, config.model.seq_len
     micro_batches = config.batch.global_batch // micro  # over all ranks
     stages, first = [], 0
-    for step in range(1, steps + 1):
+    changes = range(1, min(seq.warmup_steps, steps - 1) + 1)  # the length is constant after the warmup
+    for step in [*changes, steps]:
         if step == steps or seq.seq_len_at(step) != seq.seq_len_at(first):
             length = seq.seq_len_at(first)
             padding = padding_positions(micro, full_len, length)
