@@ -29,7 +29,8 @@ def test_stages_padding_and_milestones_follow_the_trainer():
 
 
 def test_a_ramp_is_one_stage_per_length():
-    config = load_config(TINY, ["schedule.train_iters=6", "schedule.warmup_iters=0", "schedule.seq_len_ramp={\"start\": 64, \"steps\": 4}"])
+    config = load_config(TINY, ["schedule.train_iters=6", "schedule.warmup_iters=0",
+                                'schedule.seq_len_ramp={"start": 64, "steps": 4}'])
     plan = schedule_plan(config)
     assert [s.seq_len for s in plan.stages] == [64, 80, 96, 112, 128]
     assert [plan.seq_len_at(step) for step in range(6)] == [64, 80, 96, 112, 128, 128]

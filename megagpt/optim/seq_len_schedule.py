@@ -179,6 +179,16 @@ class SeqLenWarmup:
             raise ValueError(f"the checkpoint was at step {state['step']} with seq_len {state['seq_len']}, but "
                              f"the configured seq-len warmup gives {expected} at that step; restore the "
                              "warmup settings the run was started with")
-        self.step_count = int(state["step"])
-        # checkpoints written before re-packing kept every token counted dropped tokens instead
+        step = int(state["step"])
+        if "padding_positions" not in state:  # written when re-packing dropped each sample's remainder
+            full_len = self.schedule.full_len
+            changed = sorted({self.schedule.seq_len_at(s) for s in range(step, self.schedule.warmup_steps)
+                              if full_len % self.schedule.seq_len_at(s)})
+            if changed:
+                raise ValueError(f"the checkpoint at step {step} was written when the sequence-length warmup dropped "
+                                 f"the last full_len % length labels of each sample; the rest of its warmup has "
+                                 f"lengths {changed} that do not divide {full_len}, where re-packing now trains every "
+                                 "label, so the resumed run would not repeat the original: finish the warmup with "
+                                 "the megagpt version that wrote it, or start a new run")
+        self.step_count = step
         self.padding_positions = int(state.get("padding_positions", 0))

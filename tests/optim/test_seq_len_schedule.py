@@ -88,6 +88,18 @@ def test_warmup_object_accounts_for_every_token_and_round_trips():
         warmup.next_step([step[0][:, :20]])
 
 
+def test_a_checkpoint_from_the_dropping_repack_resumes_only_where_nothing_changes():
+    old_state = {"step": 2, "seq_len": 16, "dropped_tokens": 0}  # the state before re-packing kept every label
+    dividing = SeqLenWarmup(SeqLenSchedule.from_stages(32, [(16, 4), (32, 4)]))
+    dividing.load_state_dict(old_state)
+    assert dividing.step_count == 2 and dividing.padding_positions == 0
+    with pytest.raises(ValueError, match=r"lengths \[24\] that do not divide 32"):
+        SeqLenWarmup(SeqLenSchedule.from_stages(32, [(16, 4), (24, 4)])).load_state_dict(old_state)
+    finished = SeqLenWarmup(SeqLenSchedule.from_stages(32, [(24, 2)]))  # its 24 stage is over: same rows ahead
+    finished.load_state_dict({"step": 2, "seq_len": 32, "dropped_tokens": 16})
+    assert finished.seq_len == 32
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: SeqLenSchedule.from_stages(256, [(128, 10), (64, 10)]), r"stages\[1\].length=64 is shorter"),
     (lambda: SeqLenSchedule.from_stages(256, [(512, 10)]), r"stages\[0\].length=512 is longer"),
