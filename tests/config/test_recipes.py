@@ -33,7 +33,7 @@ def trained_labels_of_a_step(config, step: int) -> tuple[int, int]:
     """(labels trained, row length) when the trainer's SeqLenWarmup re-packs one global batch at ``step``
     (one rank holding the whole batch, split into its micro batches as the loader splits it)."""
     _, warmup = build_schedules(config)
-    warmup.load_state_dict({"step": step, "seq_len": warmup.schedule.seq_len_at(step)})
+    warmup.load_state_dict({"step": step, "seq_len": warmup.schedule.seq_len_at(step), "padding_positions": 0})
     length = warmup.seq_len
     full_len, micro = config.model.seq_len, config.batch.micro_batch
     samples = torch.randint(0, config.model.vocab_size, (config.batch.global_batch, full_len + 1),
