@@ -2,8 +2,9 @@
 
 Also runs under ``torchrun`` and as plain ``python`` (one process). Megatron/NeoX flag names map onto
 config overrides; ``--set section.field=value`` sets anything else (explicit flags win over ``--set``).
-``--dry-run`` prints the resolved config, parameter count, a per-device memory estimate and the parallel
-layout, and exits without starting a process group. Config errors exit non-zero before any process
+``--dry-run`` prints the resolved config, parameter count, a per-device memory estimate, the parallel
+layout and the schedule (row length per stage, LR at its milestones, total tokens), and exits without starting
+a process group. Config errors exit non-zero before any process
 group starts, naming the field. Re-running the same command resumes from the latest checkpoint.
 """
 from __future__ import annotations
@@ -103,6 +104,8 @@ def dry_run_report(config: Config, world_size: int) -> str:
              "memory per device (no activations): " + ", ".join(
                  f"{name} {value / GIB:.2f} GiB" for name, value in memory.items())
              + f"; total {sum(memory.values()) / GIB:.2f} GiB"]
+    from megagpt.schedule_plan import format_plan, schedule_plan
+    lines.append(format_plan(schedule_plan(config)))
     missing = [prefix + suffix for prefix in config.data.prefixes for suffix in (".bin", ".idx")
                if not os.path.exists(prefix + suffix)]
     if missing:

@@ -1,9 +1,9 @@
 """The training loop: data, schedules, steps, logging, evaluation, checkpoints and clean stops.
 
 One optimizer step: the loader hands this rank its full-length micro batches; the sequence-length
-warmup re-packs them (all micro batches at once, so it advances once per step); the LR schedule sets
-the learning rate; then each micro batch runs forward, ``engine.backward`` and ``engine.step``
-(DeepSpeed accumulates and steps the optimizer on the last one). Everything that decides what a step
+warmup re-packs each into (inputs, labels) rows of the step's length, every label kept (it advances once
+per step); the LR schedule sets the learning rate; then each micro batch runs forward, ``engine.backward``
+and ``engine.step`` (DeepSpeed accumulates and steps the optimizer on the last one). Everything that decides what a step
 computes — loader position, schedules, RNG states — is checkpointed, so a resumed run repeats the
 uninterrupted one bit for bit.
 """
@@ -64,7 +64,8 @@ def build_schedules(config: Config) -> tuple[LRScheduler, SeqLenWarmup]:
     per_unit = 1 if sched.lr_decay_unit == "steps" else config.tokens_per_step
     lr = LRScheduler(LRSchedule(peak_lr=config.optimizer.lr, min_lr=config.optimizer.min_lr,
                                 warmup=sched.warmup_iters * per_unit, total=sched.train_iters * per_unit,
-                                constant_fraction=sched.constant_fraction, unit=sched.lr_decay_unit))
+                                constant_fraction=sched.constant_fraction, unit=sched.lr_decay_unit,
+                                decay_style=sched.lr_decay_style))
     if sched.seq_len_stages is not None:
         seq = SeqLenSchedule.from_stages(full_len, sched.seq_len_stages)
     elif sched.seq_len_ramp is not None:
@@ -140,17 +141,22 @@ def _grad_norm(module: torch.nn.Module, tp_group=None) -> float:
     return math.sqrt((split_squares + squares(replicated)).item())
 
 
-def micro_loss(engine, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Mean next-token loss of one micro batch of rows ``[b, seq_len + 1]`` (the model's own loss:
-    vocab-parallel under tensor parallelism)."""
-    rows = rows.to(device, non_blocking=True)
-    return engine.module.loss(engine(rows[:, :-1]), rows[:, 1:])
+def micro_loss(engine, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Mean next-token loss of one micro batch ``(inputs, labels)``, both ``[rows, seq_len]`` (the model's own
+    loss: vocab-parallel under tensor parallelism; labels ``IGNORE_INDEX`` are skipped)."""
+    inputs, labels = (t.to(device, non_blocking=True) for t in batch)
+    return engine.module.loss(engine(inputs), labels)
+
+
+def full_rows(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-length samples ``[b, seq_len + 1]`` as ``(inputs, labels)``."""
+    return samples[:, :-1], samples[:, 1:]
 
 
 def _pipeline_batches(micro_batches, device: torch.device):
     """What a DeepSpeed pipeline engine pulls per micro batch: (inputs, labels); the first stage reads the
     inputs, the last the labels."""
-    return iter([(rows[:, :-1].to(device), rows[:, 1:].to(device)) for rows in micro_batches])
+    return iter([(inputs.to(device), labels.to(device)) for inputs, labels in micro_batches])
 
 
 def _is_pipeline(engine) -> bool:
@@ -167,12 +173,13 @@ def evaluate(engine, valid_dataset, config: Config, launch: Launch, groups) -> f
     if _is_pipeline(engine):
         # the pipeline's activation buffers are shaped for the training length: reset around full-length eval
         engine.reset_activation_shape()
-        micro = [[torch.from_numpy(m) for m in loader.next_step()] for _ in range(config.logging.eval_iters)]
+        micro = [[full_rows(torch.from_numpy(m)) for m in loader.next_step()]
+                 for _ in range(config.logging.eval_iters)]
         losses = [engine.eval_batch(_pipeline_batches(step, launch.device)).item() for step in micro]
         engine.reset_activation_shape()
     else:
         engine.eval()
-        losses = [micro_loss(engine, torch.from_numpy(m), launch.device).item()
+        losses = [micro_loss(engine, full_rows(torch.from_numpy(m)), launch.device).item()
                   for _ in range(config.logging.eval_iters) for m in loader.next_step()]
         engine.train()
     return _mean_over_ranks(float(np.mean(losses)), launch.world_size)
@@ -200,7 +207,6 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
     device_name = torch.cuda.get_device_name(launch.device) if launch.device.type == "cuda" else "cpu"
     peak = resolve_peak_tflops(config.logging.peak_tflops_per_device, device_name)
     sync = torch.cuda.synchronize if launch.device.type == "cuda" else None
-    grad_accum = config.batch.gradient_accumulation(dp_size)
 
     def save() -> None:
         if save_dir is not None:
@@ -220,9 +226,9 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
         pipeline, pipeline_len = _is_pipeline(engine), None
         while state.step < config.schedule.train_iters:
             seq_len = warmup.seq_len
-            full = torch.from_numpy(np.concatenate(loader.next_step()))
-            micro_batches = warmup.next_batch(full).chunk(grad_accum)  # repack keeps samples in order
-            step_tokens = config.batch.global_batch * (config.model.seq_len // seq_len) * seq_len
+            # each micro batch keeps its own samples' labels, every one of them (megagpt/optim/seq_len_schedule.py)
+            micro_batches = warmup.next_step([torch.from_numpy(m) for m in loader.next_step()])
+            step_tokens = config.tokens_per_step  # every label of the step's samples, whatever the row length
             lr = lr_scheduler.step(step_tokens, engine.optimizer)
             step_losses, plain_norm = [], None
             if pipeline:
@@ -231,8 +237,8 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
                     pipeline_len = seq_len
                 # all micro batches, forward and backward through the stages, and the optimizer step
                 step_losses.append(engine.train_batch(_pipeline_batches(micro_batches, launch.device)))
-            for rows in (() if pipeline else micro_batches):
-                loss = micro_loss(engine, rows, launch.device)
+            for batch in (() if pipeline else micro_batches):
+                loss = micro_loss(engine, batch, launch.device)
                 engine.backward(loss)
                 if (engine.is_gradient_accumulation_boundary() and logger.is_log_step(state.step + 1)
                         and _plain_fp32_engine(engine)):
@@ -320,4 +326,5 @@ def _changed_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return changed
 
 
-__all__ = ["TrainState", "StopSignal", "build_datasets", "build_schedules", "evaluate", "micro_loss", "train"]
+__all__ = ["TrainState", "StopSignal", "build_datasets", "build_schedules", "evaluate", "full_rows", "micro_loss",
+           "train"]

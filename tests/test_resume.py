@@ -94,17 +94,18 @@ def test_resume_with_another_data_parallel_size_continues_the_loss_curve(tiny_ru
 
 
 def test_two_ranks_zero1_bf16_8bit_with_seq_len_stages_resume_bitwise(tiny_run):
-    """dp=2, ZeRO-1, bf16, AdamW8bit, seq-len stages 8 -> 16 -> 32: a run stopped at step 3 (inside the
-    16 stage) and resumed under another launcher logs exactly the uninterrupted run's numbers."""
+    """dp=2, ZeRO-1, bf16, AdamW8bit, seq-len stages 8 -> 24 -> 32: a run stopped at step 3 (inside the
+    24 stage, whose rows span samples and end in padding) and resumed under another launcher logs exactly the
+    uninterrupted run's numbers."""
     root, config = tiny_run
     common = ["--config", str(config), "--train-iters", "6", "--set", "parallel.zero_stage=1",
               "--set", "parallel.precision=bf16", "--set", "optimizer.kind=adamw8bit",
-              "--set", "schedule.seq_len_stages=[[8, 2], [16, 2]]", "--eval-interval", "3"]
+              "--set", "schedule.seq_len_stages=[[8, 2], [24, 2]]", "--eval-interval", "3"]
     run_training("deepspeed", [*common, "--save", str(root / "dp2_whole")], port=29651)
     run_training("torchrun", [*common, "--save", str(root / "dp2_split"), "--exit-interval", "3"], port=29652)
     run_training("torchrun", [*common, "--save", str(root / "dp2_split")], port=29653)
     whole, split = read_jsonl(root / "dp2_whole" / "metrics.jsonl"), read_jsonl(root / "dp2_split" / "metrics.jsonl")
-    assert [r["seq_len"] for r in whole if "loss" in r] == [8, 8, 16, 16, 32, 32]
+    assert [r["seq_len"] for r in whole if "loss" in r] == [8, 8, 24, 24, 32, 32]
 
     assert logged_numbers(split) == logged_numbers(whole)
     assert sorted(os.listdir(root / "dp2_whole" / "step6")) == [

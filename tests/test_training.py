@@ -84,6 +84,10 @@ def test_dry_run_plans_without_the_data_and_says_it_is_missing(capsys):
     out = capsys.readouterr().out
     assert status == 0 and not dist.is_initialized()
     assert "data: MISSING /nonexistent/corpus.bin, /nonexistent/corpus.idx" in out
+    # the schedule summary: lengths per stage, the LR at the milestones, total tokens (megagpt/schedule_plan.py)
+    assert "schedule: 51,000 steps x 524,288 tokens = 26,738,688,000 tokens" in out
+    assert "rows of 192: steps 3,750-7,499 (3,750 steps, 2,816 rows per step, 16,384 padded positions" in out
+    assert "step 45,899 (min_lr reached, 90 % of the tokens): 6e-05" in out
 
 
 @pytest.mark.parametrize("args, named", [

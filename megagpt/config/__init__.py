@@ -13,7 +13,7 @@ system run in ``validate``. ``deepspeed_config`` derives DeepSpeed's JSON from t
 can never disagree. This package must not import torch.distributed, deepspeed or build anything.
 """
 from megagpt.config.model import ATTENTION_BACKENDS, POSITION_TYPES, ModelConfig, load_model_config, parameter_count
-from megagpt.config.sections import (BITSANDBYTES_OPTIMIZERS, LR_DECAY_UNITS, OPTIMIZER_KINDS, PRECISIONS,
+from megagpt.config.sections import (BITSANDBYTES_OPTIMIZERS, LR_DECAY_STYLES, LR_DECAY_UNITS, OPTIMIZER_KINDS, PRECISIONS,
                                      ZERO_STAGES, BatchConfig, CheckpointConfig, DataConfig, LoggingConfig,
                                      OptimizerConfig, ParallelConfig, ScheduleConfig, TokenizerConfig)
 from megagpt.config.tree import (DEEPSPEED_OWNED_KEYS, SECTIONS, TOP_LEVEL_KEYS, Config, apply_overrides,
@@ -22,7 +22,7 @@ from megagpt.config.tree import (DEEPSPEED_OWNED_KEYS, SECTIONS, TOP_LEVEL_KEYS,
 
 __all__ = [
     "ATTENTION_BACKENDS", "POSITION_TYPES", "ModelConfig", "load_model_config", "parameter_count",
-    "BITSANDBYTES_OPTIMIZERS", "LR_DECAY_UNITS", "OPTIMIZER_KINDS", "PRECISIONS", "ZERO_STAGES", "BatchConfig",
+    "BITSANDBYTES_OPTIMIZERS", "LR_DECAY_STYLES", "LR_DECAY_UNITS", "OPTIMIZER_KINDS", "PRECISIONS", "ZERO_STAGES", "BatchConfig",
     "CheckpointConfig", "DataConfig", "LoggingConfig", "OptimizerConfig", "ParallelConfig", "ScheduleConfig", "TokenizerConfig",
     "DEEPSPEED_OWNED_KEYS", "SECTIONS", "TOP_LEVEL_KEYS", "Config", "apply_overrides", "deepspeed_config",
     "format_config", "load_config", "parse_override", "save_resolved", "validate",

@@ -9,6 +9,8 @@ from megagpt.config._fields import _Section, _check_positive_int
 OPTIMIZER_KINDS = ("adamw", "adamw8bit", "paged_adamw8bit")
 BITSANDBYTES_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit")
 LR_DECAY_UNITS = ("steps", "tokens")
+# Megatron's --lr-decay-style names; "linear" to min_lr=0 with no warmup is Hugging Face's default schedule
+LR_DECAY_STYLES = ("cosine", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ZERO_STAGES = (0, 1, 2, 3)
 # DeepSpeed PipelineModule partition methods; "uniform" (by layer count) is left out: with the 2-stage tiny
@@ -95,7 +97,9 @@ class OptimizerConfig(_Section):
 class ScheduleConfig(_Section):
     """Step counts and the LR / sequence-length schedules' inputs (built by megagpt/optim/).
 
-    ``constant_fraction``: share of the post-warmup steps (or tokens) held at ``lr`` before decay.
+    ``lr_decay_style``: ``cosine`` or ``linear`` from ``optimizer.lr`` to ``optimizer.min_lr`` (Megatron's
+    ``--lr-decay-style``). ``constant_fraction``: share of the training steps (or tokens) at the END of the run
+    held at ``optimizer.min_lr`` (the decay ends at ``train_iters x (1 - constant_fraction)``).
     ``seq_len_stages``: ``[[length, steps], ...]`` run in order from step 0; after the last stage
     training uses ``model.seq_len``. ``seq_len_ramp``: ``{"start", "steps"}``, a linear ramp
     from ``start`` to ``model.seq_len`` over ``steps``, rounded down to multiples of 8
@@ -106,6 +110,7 @@ class ScheduleConfig(_Section):
     train_iters: int
     warmup_iters: int = 0
     lr_decay_unit: str = "steps"  # one of LR_DECAY_UNITS
+    lr_decay_style: str = "cosine"  # one of LR_DECAY_STYLES
     constant_fraction: float = 0.0
     seq_len_stages: tuple[tuple[int, int], ...] | None = None
     seq_len_ramp: dict[str, Any] | None = None
@@ -117,6 +122,7 @@ class ScheduleConfig(_Section):
             raise ValueError(f"schedule.warmup_iters={self.warmup_iters} must be <= "
                              f"schedule.train_iters={self.train_iters}")
         self._choice("lr_decay_unit", LR_DECAY_UNITS)
+        self._choice("lr_decay_style", LR_DECAY_STYLES)
         if not 0.0 <= self.constant_fraction < 1.0:
             raise ValueError(f"schedule.constant_fraction must be in [0, 1), got {self.constant_fraction!r}")
         decay_end = self.train_iters * (1.0 - self.constant_fraction)

@@ -1,4 +1,4 @@
-"""Learning-rate schedule: linear warmup -> cosine decay to ``min_lr`` -> ``min_lr`` held to the end.
+"""Learning-rate schedule: linear warmup -> cosine or linear decay to ``min_lr`` -> ``min_lr`` held to the end.
 
 ``progress`` is counted in optimizer steps or in tokens (``unit``). Counting tokens keeps the
 schedule tied to how much data has been seen when the tokens per step change, as they do during
@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from megagpt.config.sections import LR_DECAY_STYLES
+
 LR_UNITS = ("steps", "tokens")
 
 
@@ -21,8 +23,8 @@ def _is_number(value) -> bool:
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """``peak_lr`` reached at ``warmup`` (progress units), cosine down to ``min_lr`` at
-    ``total * (1 - constant_fraction)``, then ``min_lr`` until ``total`` and beyond."""
+    """``peak_lr`` reached at ``warmup`` (progress units), down to ``min_lr`` along a cosine or a straight
+    line (``decay_style``) at ``total * (1 - constant_fraction)``, then ``min_lr`` until ``total`` and beyond."""
 
     peak_lr: float
     min_lr: float
@@ -30,11 +32,14 @@ class LRSchedule:
     total: int
     constant_fraction: float = 0.0
     unit: str = "steps"
+    decay_style: str = "cosine"  # one of LR_DECAY_STYLES
 
     def __post_init__(self) -> None:
         s = "lr_schedule"
         if self.unit not in LR_UNITS:
             raise ValueError(f"{s}.unit={self.unit!r} is not one of {list(LR_UNITS)}")
+        if self.decay_style not in LR_DECAY_STYLES:
+            raise ValueError(f"{s}.decay_style={self.decay_style!r} is not one of {list(LR_DECAY_STYLES)}")
         if not _is_number(self.peak_lr) or self.peak_lr <= 0:
             raise ValueError(f"{s}.peak_lr must be a number > 0, got {self.peak_lr!r}")
         if not _is_number(self.min_lr) or not 0 <= self.min_lr <= self.peak_lr:
@@ -49,12 +54,12 @@ class LRSchedule:
             raise ValueError(f"{s}.constant_fraction must be in [0, 1), got {self.constant_fraction!r}")
         if self.warmup > self.decay_end:
             raise ValueError(
-                f"{s}.warmup={self.warmup} ends after the cosine decay ends at total * (1 - constant_fraction)"
+                f"{s}.warmup={self.warmup} ends after the decay ends at total * (1 - constant_fraction)"
                 f" = {self.decay_end} {self.unit}; shorten warmup or constant_fraction")
 
     @property
     def decay_end(self) -> float:
-        """Progress at which the cosine reaches ``min_lr`` and the constant tail starts."""
+        """Progress at which the decay reaches ``min_lr`` and the constant tail starts."""
         return self.total * (1.0 - self.constant_fraction)
 
     def lr_at(self, progress: float) -> float:
@@ -66,8 +71,9 @@ class LRSchedule:
         if progress >= self.decay_end:
             return self.min_lr
         decay_length = self.decay_end - self.warmup  # > 0 here: warmup <= progress < decay_end
-        cosine = 0.5 * (1.0 + math.cos(math.pi * (progress - self.warmup) / decay_length))
-        return self.min_lr + (self.peak_lr - self.min_lr) * cosine
+        done = (progress - self.warmup) / decay_length
+        remaining = 1.0 - done if self.decay_style == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+        return self.min_lr + (self.peak_lr - self.min_lr) * remaining
 
 
 class LRScheduler:

@@ -4,14 +4,16 @@ Two forms: explicit stages ``[(length, steps), ...]`` (e.g. 128, 192, 256, 384, 
 30 % of training), or a linear ramp from ``start`` to the full length in multiples of 8 over
 ``ramp_steps`` steps. After the warmup every step uses the full length.
 
-Re-packing policy (``repack``): a sample of ``full_len + 1`` tokens is cut into
-``full_len // seq_len`` rows of ``seq_len + 1`` tokens, consecutive rows sharing one token
-(row r = ``tokens[r*L : r*L + L + 1]``), so every (input, label) pair of a row is a pair of the
-full sample and no pair is used twice. When ``seq_len`` does not divide ``full_len`` the last
-``full_len % seq_len`` label positions of each sample are DROPPED and counted
-(``dropped_positions``; the stateful ``SeqLenWarmup`` sums them for the logs and checkpoints).
-Lengths that divide ``full_len`` (as in the staged example) drop nothing; ramp values are multiples
-of 8 and generally do not divide, e.g. 72 into 512 drops 8 of 512 positions (1.6 %).
+Re-packing (``repack``): a micro batch of ``m`` samples of ``full_len + 1`` tokens holds ``m * full_len``
+(input, label) pairs. They are laid end to end, in order, and cut into rows of ``seq_len`` pairs; the last
+row is filled up with ignored labels (``IGNORE_INDEX``) when ``seq_len`` does not divide ``m * full_len``.
+Every pair is trained on exactly once, whatever the length (no token is dropped), and every micro batch
+keeps exactly its own samples' ``m * full_len`` labels, so the mean loss of each micro batch, averaged over
+micro batches and ranks, weighs every label alike, as at full length. Lengths that divide ``full_len``
+(128 or 256 of 512) cut each sample into whole rows; others (192, 384; most ramp values) let a row run on
+from one sample's end into the next sample's start: those positions then see the other sample as context,
+as packed documents see the one before them. Padding costs compute, never data: under one row per micro
+batch (``padding_positions``; 8 samples of 512 at 192 pad 128 of 4,224 positions, 3 %).
 Attention context is shorter in a cut row, which is the point of the warmup.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 SEQ_LEN_MULTIPLE = 8  # tensor-core friendly row lengths
+IGNORE_INDEX = -100  # the label the model's loss skips (F.cross_entropy's default ignore_index)
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -102,17 +105,19 @@ class SeqLenSchedule:
         return self.full_len
 
 
-def dropped_positions(full_len: int, seq_len: int) -> int:
-    """Label positions of one sample that ``repack`` leaves out (``full_len % seq_len``)."""
-    return full_len % seq_len
+def padding_positions(samples: int, full_len: int, seq_len: int) -> int:
+    """Positions ``repack`` fills with ignored labels in a micro batch of ``samples`` samples."""
+    pairs = samples * full_len
+    return -pairs % seq_len
 
 
-def repack(batch_tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Cut ``[b, full_len + 1]`` samples into ``[b * (full_len // seq_len), seq_len + 1]`` rows.
+def repack(batch_tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut a micro batch of samples ``[m, full_len + 1]`` into rows: ``(inputs, labels)``, both
+    ``[ceil(m * full_len / seq_len), seq_len]``.
 
-    Row ``i * k + r`` (``k = full_len // seq_len``) is ``batch_tokens[i, r*L : r*L + L + 1]``:
-    inputs ``row[:-1]`` and labels ``row[1:]`` are exactly the full sample's pairs at positions
-    ``r*L .. r*L + L - 1``. The trailing ``full_len % seq_len`` positions are dropped (module doc).
+    The rows hold the samples' (input, label) pairs ``(tokens[i, p], tokens[i, p + 1])`` in order of ``i``,
+    then ``p``; the positions after the last pair have input 0 and label ``IGNORE_INDEX`` (module doc).
+    At ``seq_len == full_len`` this is ``(tokens[:, :-1], tokens[:, 1:])``.
     """
     if batch_tokens.ndim != 2:
         raise ValueError(f"repack expects tokens [batch, full_len + 1], got shape {tuple(batch_tokens.shape)}")
@@ -120,46 +125,53 @@ def repack(batch_tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= full_len:
         raise ValueError(f"repack seq_len must be an integer in [1, {full_len}] (the samples' length), "
                          f"got {seq_len!r}")
-    rows_per_sample = full_len // seq_len
-    if rows_per_sample == 1:
-        return batch_tokens[:, : seq_len + 1]
-    # unfold makes overlapping windows of size L+1 with stride L; windows start at 0, L, 2L, ...
-    windows = batch_tokens[:, : rows_per_sample * seq_len + 1].unfold(1, seq_len + 1, seq_len)
-    return windows.reshape(-1, seq_len + 1)
+    inputs, labels = batch_tokens[:, :-1], batch_tokens[:, 1:]
+    if seq_len == full_len:
+        return inputs, labels
+    inputs, labels = inputs.reshape(-1), labels.reshape(-1)
+    padding = padding_positions(batch_tokens.shape[0], full_len, seq_len)
+    if padding:
+        inputs = torch.cat([inputs, inputs.new_zeros(padding)])
+        labels = torch.cat([labels, labels.new_full((padding,), IGNORE_INDEX)])
+    return inputs.view(-1, seq_len), labels.view(-1, seq_len)
 
 
 class SeqLenWarmup:
-    """Step counter over a ``SeqLenSchedule`` that re-packs batches and checkpoints its position."""
+    """Step counter over a ``SeqLenSchedule`` that re-packs each step's micro batches and checkpoints its
+    position."""
 
     def __init__(self, schedule: SeqLenSchedule):
         self.schedule = schedule
         self.step_count = 0
-        self.dropped_tokens = 0
+        self.padding_positions = 0  # summed over this rank's steps, for the logs
 
     @property
     def seq_len(self) -> int:
         """Row length of the next step."""
         return self.schedule.seq_len_at(self.step_count)
 
-    def next_batch(self, batch_tokens: torch.Tensor) -> torch.Tensor:
-        """Re-pack one step's samples ``[b, full_len + 1]`` for the current length and advance a step."""
-        if batch_tokens.ndim != 2 or batch_tokens.shape[1] != self.schedule.full_len + 1:
-            raise ValueError(f"seq-len warmup expects batches [batch, {self.schedule.full_len + 1}] "
-                             f"(full_len + 1), got {tuple(batch_tokens.shape)}")
-        seq_len = self.seq_len
-        rows = repack(batch_tokens, seq_len)
-        self.dropped_tokens += batch_tokens.shape[0] * dropped_positions(self.schedule.full_len, seq_len)
+    def next_step(self, micro_batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Re-pack one step's micro batches of samples ``[m, full_len + 1]`` into ``(inputs, labels)`` rows of
+        the current length, one pair per micro batch (``repack``), and advance a step."""
+        full_len, seq_len = self.schedule.full_len, self.seq_len
+        packed = []
+        for micro in micro_batches:
+            if micro.ndim != 2 or micro.shape[1] != full_len + 1:
+                raise ValueError(f"seq-len warmup expects micro batches [batch, {full_len + 1}] "
+                                 f"(full_len + 1), got {tuple(micro.shape)}")
+            packed.append(repack(micro, seq_len))
+            self.padding_positions += padding_positions(micro.shape[0], full_len, seq_len)
         self.step_count += 1
-        return rows
+        return packed
 
     def state_dict(self) -> dict:
-        """Step, the length in force at that step, and the dropped-token count."""
-        return {"step": self.step_count, "seq_len": self.seq_len, "dropped_tokens": self.dropped_tokens}
+        """Step, the length in force at that step, and the padding count."""
+        return {"step": self.step_count, "seq_len": self.seq_len, "padding_positions": self.padding_positions}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore; ValueError if this schedule gives another length at the saved step than the
         checkpoint recorded (the schedule was changed between save and resume)."""
-        missing = {"step", "seq_len", "dropped_tokens"} - set(state)
+        missing = {"step", "seq_len"} - set(state)
         if missing:
             raise ValueError(f"seq-len warmup state is missing {sorted(missing)}; got keys {sorted(state)}")
         expected = self.schedule.seq_len_at(int(state["step"]))
@@ -167,5 +179,16 @@ class SeqLenWarmup:
             raise ValueError(f"the checkpoint was at step {state['step']} with seq_len {state['seq_len']}, but "
                              f"the configured seq-len warmup gives {expected} at that step; restore the "
                              "warmup settings the run was started with")
-        self.step_count = int(state["step"])
-        self.dropped_tokens = int(state["dropped_tokens"])
+        step = int(state["step"])
+        if "padding_positions" not in state:  # written when re-packing dropped each sample's remainder
+            full_len = self.schedule.full_len
+            changed = sorted({self.schedule.seq_len_at(s) for s in range(step, self.schedule.warmup_steps)
+                              if full_len % self.schedule.seq_len_at(s)})
+            if changed:
+                raise ValueError(f"the checkpoint at step {step} was written when the sequence-length warmup dropped "
+                                 f"the last full_len % length labels of each sample; the rest of its warmup has "
+                                 f"lengths {changed} that do not divide {full_len}, where re-packing now trains every "
+                                 "label, so the resumed run would not repeat the original: finish the warmup with "
+                                 "the megagpt version that wrote it, or start a new run")
+        self.step_count = step
+        self.padding_positions = int(state.get("padding_positions", 0))

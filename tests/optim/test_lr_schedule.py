@@ -1,4 +1,4 @@
-"""LRSchedule (warmup -> cosine -> constant tail) and the checkpointable LRScheduler."""
+"""LRSchedule (warmup -> cosine or linear decay -> constant tail) and the checkpointable LRScheduler."""
 import math
 
 import pytest
@@ -26,6 +26,24 @@ def test_values_at_key_points():
     assert s.lr_at(800) == MIN  # start of the constant tail
     assert s.lr_at(799.999) == pytest.approx(MIN, rel=1e-9)  # continuous into the tail
     assert s.lr_at(1000) == MIN and s.lr_at(5000) == MIN
+
+
+def test_linear_decay_to_zero_without_warmup():
+    # Hugging Face's default: linear from the peak at progress 0 to 0 at the end, no warmup, no tail
+    s = schedule(min_lr=0.0, warmup=0, constant_fraction=0.0, decay_style="linear")
+    assert s.lr_at(0) == PEAK
+    assert s.lr_at(250) == pytest.approx(PEAK * 0.75, rel=1e-12)
+    assert s.lr_at(500) == pytest.approx(PEAK / 2, rel=1e-12)
+    assert s.lr_at(999) == pytest.approx(PEAK / 1000, rel=1e-9)
+    assert s.lr_at(1000) == 0.0
+
+
+def test_linear_decay_after_warmup_into_the_tail():
+    s = schedule(decay_style="linear")  # warmup to 100, straight line to MIN at 800, then MIN
+    assert s.lr_at(50) == pytest.approx(PEAK / 2, rel=1e-12)
+    assert s.lr_at(450) == pytest.approx((PEAK + MIN) / 2, rel=1e-12)
+    assert s.lr_at(275) == pytest.approx(MIN + (PEAK - MIN) * 0.75, rel=1e-12)  # the cosine would give 0.854
+    assert s.lr_at(800) == MIN and s.lr_at(1000) == MIN
 
 
 def test_rises_during_warmup_then_never_increases():
@@ -73,6 +91,7 @@ def test_state_round_trip_continues_identically():
 
 @pytest.mark.parametrize("field, value, message", [
     ("unit", "epochs", "unit"),
+    ("decay_style", "exponential", "decay_style"),
     ("peak_lr", 0.0, "peak_lr"),
     ("min_lr", 1e-3, "min_lr"),
     ("min_lr", -1e-5, "min_lr"),
