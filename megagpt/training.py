@@ -22,7 +22,7 @@ from megagpt.checkpoint import latest_tag, load_checkpoint, save_checkpoint
 from megagpt.config import Config
 from megagpt.convert.universal import is_universal_dir
 from megagpt.engine import Launch
-from megagpt.optim import LRSchedule, LRScheduler, SeqLenSchedule, SeqLenWarmup
+from megagpt.optim import LRSchedule, LRScheduler, SeqLenSchedule, SeqLenWarmup, restore_paged_state
 
 
 CLIENT_STATE_KEY = "megagpt"
@@ -302,6 +302,7 @@ def _resume(engine, config: Config, launch: Launch, loader, lr_scheduler, warmup
             print(f"checkpoint.load={config.checkpoint.load} has no checkpoint: starting from scratch", flush=True)
         return None
     client_state = load_checkpoint(engine, directory, launch.rank, launch.world_size, config.seed)
+    restore_paged_state(engine.optimizer)  # loading fills a paged 8-bit optimizer's state with plain tensors
     if CLIENT_STATE_KEY not in client_state:
         raise ValueError(f"the checkpoint in {directory} has no {CLIENT_STATE_KEY!r} state: it was not written by "
                          "megagpt/pretrain.py; start a fresh run with another --save directory")

@@ -44,7 +44,8 @@ ROUND_TRIP = textwrap.dedent("""
     load_zero_state(fresh, read_zero_state(save / "step3"))
     checked, dtypes = assert_same_optimizer_state(trained, fresh, stage)
     dtypes = sorted(dtypes)
-    print(f"rank {launch.rank}: {checked} state tensors equal; state dtypes {dtypes}", flush=True)
+    print(f"rank {launch.rank}: {checked} state tensors equal; state dtypes {dtypes}; "
+          f"{type(trained.optimizer).__name__} accumulates {trained.get_data_types()[1]}", flush=True)
 """)
 
 
@@ -64,6 +65,9 @@ def test_two_rank_zero_state_round_trips_exactly_through_per_parameter_tensors(t
         assert f"rank {rank}: " in result.stdout, result.stdout
     if dtypes:  # 8-bit moments for the matrices, 32-bit for the embedding group
         assert f"state dtypes {dtypes}" in result.stdout, result.stdout
+    # gradients accumulate in fp32 (bf16 + ZeRO-1: DeepSpeed's BF16_Optimizer, whose layout is resharded too)
+    optimizer = "BF16_Optimizer" if (stage, precision) == (1, "bf16") else "DeepSpeedZeroOptimizer"
+    assert f"{optimizer} accumulates torch.float32" in result.stdout, result.stdout
     assert len(zero_shard_files(tmp_path / "save" / "step3")) == 2
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from megagpt.config import ModelConfig
 from megagpt.model import GPT, language_model_loss
 from megagpt.optim import build_optimizer, build_param_groups, keep_embedding_state_32bit
+from testing_utils import REPO
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -171,20 +172,26 @@ if mark:
 tokens = torch.randint(0, 100, (4, 17))
 engine.backward(language_model_loss(engine(tokens[:, :-1]), tokens[:, 1:]))
 engine.step()
-print("DTYPES", json.dumps({g["name"]: [str(optimizer.state[p]["state1"].dtype) for p in g["params"]]
-                            for g in optimizer.param_groups}))
+if stage == 3:  # ZeRO-3 empties the groups' params: its flat partitions, by the group each belongs to
+    partitions = {g["name"]: [flat for sub, flat in enumerate(engine.optimizer.fp32_partitioned_groups_flat)
+                              if engine.optimizer.sub_group_to_group_id[sub] == i]
+                  for i, g in enumerate(optimizer.param_groups)}
+else:
+    partitions = {g["name"]: g["params"] for g in optimizer.param_groups}
+print("DTYPES", json.dumps({name: [str(optimizer.state[p]["state1"].dtype) for p in params]
+                            for name, params in partitions.items()}))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_embedding_partition_state_is_32bit_under_deepspeed_zero(stage, tmp_path):
     pytest.importorskip("deepspeed")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+               MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))  # this checkout's megagpt
     dtypes = {}
     for mark in ("mark", "no_mark"):
         result = subprocess.run([sys.executable, "-c", _ZERO_SCRIPT, str(stage), mark], env=env, cwd=tmp_path,
