@@ -203,3 +203,34 @@ def test_embedding_partition_state_is_32bit_under_deepspeed_zero(stage, tmp_path
     assert dtypes["mark"] == {"decay": ["torch.uint8"], "no_decay": ["torch.uint8"], "embedding": ["torch.float32"]}
     # Control: without the call ZeRO's flat partition gets 8-bit state like everything else.
     assert dtypes["no_mark"]["embedding"] == ["torch.uint8"]
+
+
+def test_loaded_state_of_a_paged_optimizer_goes_back_into_paged_buffers(monkeypatch):
+    """``load_state_dict`` leaves plain device tensors behind; bitsandbytes pages only CUDA tensors (CPU falls
+    back), so the device here is ``meta`` and ``get_state_buffer`` hands out buffers marked as paged the way
+    ``bitsandbytes.functional.get_paged`` marks them."""
+    from megagpt.optim import restore_paged_state
+
+    param = torch.nn.Parameter(torch.zeros(300, 400, device="meta"))
+    optimizer = build_optimizer([{"params": [param], "weight_decay": 0.0, "name": "decay"}], "paged_adamw8bit",
+                                lr=1e-3)
+    loaded = {key: torch.empty(300, 400, dtype=torch.uint8, device="meta") for key in ("state1", "state2")}
+    absmax = torch.empty(470, device="meta")
+    optimizer.state[param] = {**loaded, "absmax1": absmax, "step": 7}
+    handed_out = []
+
+    def paged_buffer(value, dtype):
+        buffer = torch.empty_like(value, dtype=dtype)
+        buffer.is_paged = True
+        handed_out.append(buffer)
+        return buffer
+
+    monkeypatch.setattr(optimizer, "get_state_buffer", paged_buffer)
+    assert restore_paged_state(optimizer) == 2
+    state = optimizer.state[param]
+    assert state["state1"] is handed_out[0] and state["state2"] is handed_out[1]
+    assert state["state1"].dtype == torch.uint8
+    assert state["absmax1"] is absmax and state["step"] == 7  # bitsandbytes never pages these
+    assert restore_paged_state(optimizer) == 0  # already paged
+    plain = build_optimizer([{"params": [param], "weight_decay": 0.0, "name": "decay"}], "adamw8bit", lr=1e-3)
+    assert restore_paged_state(plain) == 0 and restore_paged_state(torch.optim.SGD([param], lr=1.0)) == 0
