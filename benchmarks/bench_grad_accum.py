@@ -17,6 +17,7 @@ optimizer), the direct cause of the loss difference.
 
 CPU figures (bf16 rounding is the same arithmetic on any device; the speed is not measured here):
     python benchmarks/bench_grad_accum.py --output benchmarks/results/grad_accum_cpu.json
+    python benchmarks/bench_grad_accum.py --device cuda      # the same on a GPU
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ def train_variant(name: str, config, launch, train_batches, eval_batches, accum:
     model_dtype, accum_dtype = engine.get_data_types()
     step_losses, losses = [], []
     for index, rows in enumerate(tqdm(train_batches, desc=name, unit="micro batch", leave=False)):
+        rows = rows.to(launch.device)
         loss = language_model_loss(engine(rows[:, :-1]), rows[:, 1:])
         engine.backward(loss)
         engine.step()
@@ -87,22 +89,24 @@ def train_variant(name: str, config, launch, train_batches, eval_batches, accum:
             losses = []
     engine.eval()
     with torch.no_grad():
-        held_out = [language_model_loss(engine(rows[:, :-1]), rows[:, 1:]).item() for rows in eval_batches]
+        held_out = [language_model_loss(engine(rows[:, :-1]), rows[:, 1:]).item()
+                    for rows in (r.to(launch.device) for r in eval_batches)]
     return {"model_dtype": str(model_dtype), "grad_accum_dtype": str(accum_dtype),
             "optimizer": type(engine.optimizer).__name__, "step_losses": step_losses,
             "held_out_loss": sum(held_out) / len(held_out)}
 
 
-def summed_gradient_error(config, batches) -> dict:
+def summed_gradient_error(config, batches, device: torch.device) -> dict:
     """Relative error of the summed gradient of ``batches`` when the bf16 per-micro-batch gradients of one bf16
     model are summed in bf16 rather than fp32 (plain torch: exactly the accumulation, nothing else)."""
     from megagpt.model import GPT, language_model_loss
 
     torch.manual_seed(0)
-    model = GPT(config.model).to(torch.bfloat16)
+    model = GPT(config.model).to(device=device, dtype=torch.bfloat16)
     in_bf16 = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     in_fp32 = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
     for rows in tqdm(batches, desc="summed gradient", unit="micro batch", leave=False):
+        rows = rows.to(device)
         model.zero_grad(set_to_none=True)
         language_model_loss(model(rows[:, :-1]), rows[:, 1:]).backward()
         for n, p in model.named_parameters():
@@ -121,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval-batches", type=int, default=16)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(argv)
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # float sums depend on the thread count: the same for every run
     from megagpt.engine import init_distributed, launch_from_env
 
-    launch = launch_from_env("cpu")
+    launch = launch_from_env(args.device)
     init_distributed(launch)
     generator = torch.Generator().manual_seed(1234)
     train_batches = synthetic_rows(generator, args.accum * args.steps, args.micro_batch, args.seq_len)
@@ -146,14 +151,15 @@ def main(argv: list[str] | None = None) -> int:
         run["held_out_minus_fp32"] = run["held_out_loss"] - reference["held_out_loss"]
         run["step_loss_minus_fp32"] = [a - b for a, b in zip(run["step_losses"], reference["step_losses"])]
     gradient = summed_gradient_error(run_config("bf16", args.accum, args.micro_batch, args.seq_len, 1, args.lr),
-                                     train_batches[:args.accum])
-    result = {"device": "cpu", "note": "CPU run; bf16 rounding figures, not GPU speed figures",
+                                     train_batches[:args.accum], launch.device)
+    device_name = torch.cuda.get_device_name(launch.device) if launch.device.type == "cuda" else "cpu"
+    result = {"device": device_name, "note": "bf16 rounding figures of a tiny model; no speed is measured",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "python": platform.python_version(), "args": {
                   k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "runs": runs, "summed_gradient_bf16_vs_fp32": gradient}
 
-    print(f"{args.steps} steps x {args.accum} micro batches (CPU)")
+    print(f"{args.steps} steps x {args.accum} micro batches ({device_name})")
     for name, run in runs.items():
         delta = "" if name == "fp32" else f"  held-out minus fp32 {run['held_out_minus_fp32']:+.5f}"
         print(f"  {name:10s} {run['optimizer']:24s} accumulates {run['grad_accum_dtype']:15s} step losses "
