@@ -8,6 +8,7 @@ as NCCL has none for the CPU. Every collective is also wrapped to record the dev
 """
 import json
 import os
+import re
 import textwrap
 
 import pytest
@@ -60,8 +61,9 @@ def test_every_collective_of_the_loop_gets_a_tensor_on_the_training_device(tmp_p
                                        "checkpoint.save_interval=2", f"checkpoint.save={root / 'save'}"],
                           29741, script=str(script), env={"PYTHONPATH": os.pathsep.join([str(REPO), TESTS_DIR])})
     for rank in (0, 1):
-        line = next(x for x in result.stdout.splitlines() if x.startswith(f"rank {rank} DEVICES "))
-        devices, steps = line[len(f"rank {rank} DEVICES "):].split(" STEPS ")
+        found = re.search(rf"rank {rank} DEVICES (.*) STEPS (\d+)", result.stdout)
+        assert found, result.stdout[-3000:] + result.stderr[-3000:]
+        devices, steps = found.groups()
         assert int(steps) == 4
         recorded = json.loads(devices)
         assert ["all_reduce", "cpu"] in recorded, recorded  # the loss mean and stop check did run
