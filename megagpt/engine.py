@@ -151,6 +151,13 @@ def init_distributed(launch: Launch) -> None:
         print(f"started process group: world size {launch.world_size}, backend {backend}", flush=True)
 
 
+def deepspeed_device_args(launch: Launch) -> SimpleNamespace | None:
+    """The ``args`` for ``deepspeed.initialize``: on CUDA this rank's device index (``device_rank``), which
+    DeepSpeed's engine otherwise takes from ``LOCAL_RANK`` (wrong under a per-task GPU binding, see
+    ``cuda_device_for``); None on CPU."""
+    return SimpleNamespace(device_rank=launch.device.index) if launch.device.type == "cuda" else None
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices) so model init and dropout repeat run to run."""
     random.seed(seed)
@@ -240,9 +247,7 @@ def build_engine(config: Config, launch: Launch, groups=None, init_weights: bool
                                       decay_norms_and_biases=opt.decay_norms_and_biases,
                                       separate_replicated=tensor_parallel)
     optimizer = build_optimizer(param_groups, opt.kind, opt.lr, opt.betas, opt.eps, device=launch.device)
-    # DeepSpeed takes cuda:<LOCAL_RANK> unless told this rank's device (see cuda_device_for)
-    device_args = SimpleNamespace(device_rank=launch.device.index) if launch.device.type == "cuda" else None
-    engine, _, _, _ = deepspeed.initialize(args=device_args, model=model, optimizer=optimizer,
+    engine, _, _, _ = deepspeed.initialize(args=deepspeed_device_args(launch), model=model, optimizer=optimizer,
                                            config=deepspeed_config(config, launch.world_size),
                                            mpu=groups if tensor_parallel and par.pp == 1 else None)
     if opt.uses_bitsandbytes and any(g["name"] == "embedding" for g in param_groups):  # not on middle stages

@@ -141,6 +141,14 @@ def test_each_rank_takes_its_own_gpu_or_the_one_a_per_task_binding_shows_it():
         cuda_device_for(5, 4, environ={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
 
 
+def test_deepspeed_is_told_the_rank_s_device_instead_of_taking_cuda_local_rank():
+    from megagpt.engine import deepspeed_device_args
+
+    bound = Launch(rank=11, world_size=16, local_rank=3, device=torch.device("cuda", 0))  # per-task binding
+    assert deepspeed_device_args(bound).device_rank == 0
+    assert deepspeed_device_args(Launch(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))) is None
+
+
 def test_one_process_rendezvous_takes_a_free_port_and_several_ranks_the_launchers_default():
     from megagpt.engine import rendezvous_env
 
