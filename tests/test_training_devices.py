@@ -7,13 +7,12 @@ tensor created without an explicit device then lands on ``meta``, for which gloo
 as NCCL has none for the CPU. Every collective is also wrapped to record the device of what it is handed.
 """
 import json
-import os
 import re
 import textwrap
 
 import pytest
 
-from testing_utils import REPO, TESTS_DIR, make_tiny_run, run_training
+from testing_utils import SCRIPT_PYTHONPATH, make_tiny_run, run_training
 
 CONTRACT = textwrap.dedent("""
     import json, sys, torch
@@ -59,7 +58,7 @@ def test_every_collective_of_the_loop_gets_a_tensor_on_the_training_device(tmp_p
     script.write_text(CONTRACT)
     result = run_training("torchrun", [str(config), "schedule.train_iters=4", "logging.eval_interval=2",
                                        "checkpoint.save_interval=2", f"checkpoint.save={root / 'save'}"],
-                          29741, script=str(script), env={"PYTHONPATH": os.pathsep.join([str(REPO), TESTS_DIR])})
+                          29741, script=str(script), env={"PYTHONPATH": SCRIPT_PYTHONPATH})
     for rank in (0, 1):
         found = re.search(rf"rank {rank} DEVICES (.*) STEPS (\d+)", result.stdout)
         assert found, result.stdout[-3000:] + result.stderr[-3000:]

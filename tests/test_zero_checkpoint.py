@@ -1,14 +1,13 @@
 """megagpt/zero_checkpoint.py: ZeRO-1/2 optimizer state read into per-parameter tensors and written back into
 an engine's slices. Same layout: the round trip must be exact (8-bit codes included); the change of
 layout itself is checked by the loss curves in tests/test_resume.py."""
-import os
 import textwrap
 
 import pytest
 import torch
 
 from megagpt.zero_checkpoint import zero_shard_files
-from testing_utils import REPO, TESTS_DIR, run_training
+from testing_utils import SCRIPT_PYTHONPATH, run_training
 
 ROUND_TRIP = textwrap.dedent("""
     import sys, torch
@@ -60,7 +59,7 @@ def test_two_rank_zero_state_round_trips_exactly_through_per_parameter_tensors(t
     script = tmp_path / "round_trip.py"
     script.write_text(ROUND_TRIP)
     result = run_training("torchrun", [str(tmp_path / "save"), str(stage), precision, kind], 29691 + stage,
-                          script=str(script), env={"PYTHONPATH": os.pathsep.join([str(REPO), TESTS_DIR])})
+                          script=str(script), env={"PYTHONPATH": SCRIPT_PYTHONPATH})
     for rank in (0, 1):
         assert f"rank {rank}: " in result.stdout, result.stdout
     if dtypes:  # 8-bit moments for the matrices, 32-bit for the embedding group

@@ -139,6 +139,8 @@ def assert_same_curve_as_one_rank(run: list[dict], one_rank: list[dict]) -> None
 
 # --- engine state comparisons, also used by the round-trip scripts the tests run in subprocesses ---
 TESTS_DIR = str(REPO / "tests")  # PYTHONPATH for those scripts, so that they can import this module
+# ... and this checkout's megagpt before any installed one (a script outside the repository would import that)
+SCRIPT_PYTHONPATH = os.pathsep.join([str(REPO), TESTS_DIR])
 
 
 def assert_same_optimizer_state(trained, fresh, zero_stage: int) -> tuple[int, set[str]]:
