@@ -4,7 +4,7 @@ Layout of a save directory::
 
     save/step500/            DeepSpeed's model and optimizer files, plus
     save/step500/config.json the resolved config of the run
-    save/step500/rng_rank{r}.pt  each rank's python/numpy/torch/cuda RNG states
+    save/step500/rng_rank{r}.pt  each rank's python/numpy/torch RNG states and its own GPU's CUDA one
     save/latest              "step500", written last
 
 DeepSpeed would write ``latest`` itself before all ranks finished their files; we pass
@@ -65,19 +65,31 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def rng_state() -> dict:
-    """This process's RNG states (python, numpy, torch CPU, every CUDA device)."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's RNG states: python, numpy, torch CPU, and the CUDA generator of ``device`` (the rank's
+    own GPU) when it is a CUDA device.
+
+    One device only: ``get_rng_state_all`` would open a CUDA context on every visible GPU and save a list
+    indexed by device number, which a resume with fewer GPUs per node cannot restore and one where the rank
+    landed on another local rank would restore into the wrong device's stream."""
+    cuda = torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": cuda}
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore what ``rng_state`` returned."""
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore what ``rng_state`` returned; its CUDA generator goes to ``device`` (this rank's GPU, whatever
+    its index was when saved). A state saved on CPU leaves the CUDA generator as seeded; one saved on a GPU
+    restored on CPU has no CUDA generator to go to."""
+    cuda = state["cuda"]
+    if isinstance(cuda, (list, tuple)):
+        raise ValueError(f"the RNG state holds {len(cuda)} CUDA generators (one per visible GPU, by index): it "
+                         "cannot say which was this rank's; save with megagpt's per-device rng_state")
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def latest_tag(directory: str | os.PathLike) -> str | None:
@@ -118,7 +130,7 @@ def save_checkpoint(engine, directory: str | os.PathLike, step: int, client_stat
     directory = Path(directory)
     tag = step_tag(step)
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
-    _atomic_torch_save(rng_state(), directory / tag / f"rng_rank{rank}.pt")
+    _atomic_torch_save(rng_state(engine.device), directory / tag / f"rng_rank{rank}.pt")
     _barrier()  # every rank's files are complete before the checkpoint is published
     if rank == 0:
         save_resolved(config, directory / tag / "config.json")
@@ -176,7 +188,11 @@ def load_checkpoint(engine, directory: str | os.PathLike, rank: int, world_size:
     if path is None:
         raise ValueError(f"DeepSpeed could not load checkpoint {tag!r} from {directory}")
     if saved_world_size(step_dir) == world_size:
-        set_rng_state(torch.load(step_dir / f"rng_rank{rank}.pt", weights_only=False))
+        rng_file = step_dir / f"rng_rank{rank}.pt"
+        try:
+            set_rng_state(torch.load(rng_file, weights_only=False), engine.device)
+        except ValueError as err:
+            raise ValueError(f"{rng_file}: {err}") from err
     else:
         reseed_for_new_layout(engine, seed, int(_TAG.match(tag).group(1)), rank)
         if rank == 0:

@@ -7,11 +7,14 @@ disagree. DeepSpeed casts the model to bf16/fp16 itself when the config asks for
 """
 from __future__ import annotations
 
+import inspect
 import os
 import random
+import socket
 import sys
 import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -58,7 +61,7 @@ def ranks_from_env(environ=None) -> tuple[int, int, int]:
 def launch_from_env(device: str = "auto") -> Launch:
     """Rank, world size and local rank from the launcher's variables (``ranks_from_env``: torchrun,
     deepspeed, mpirun; 1 process if none), and the torch device for ``device`` in ``DEVICE_CHOICES``
-    (auto: CUDA when available)."""
+    (auto: CUDA when available; which GPU: ``cuda_device_for``)."""
     if device not in DEVICE_CHOICES:
         raise ValueError(f"--device {device!r} is not one of {list(DEVICE_CHOICES)}")
     rank, world_size, local_rank = ranks_from_env()
@@ -67,8 +70,23 @@ def launch_from_env(device: str = "auto") -> Launch:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda but torch sees no CUDA device; use --device cpu")
-        return Launch(rank, world_size, local_rank, torch.device("cuda", local_rank))
+        return Launch(rank, world_size, local_rank, cuda_device_for(local_rank, torch.cuda.device_count()))
     return Launch(rank, world_size, local_rank, torch.device("cpu"))
+
+
+def cuda_device_for(local_rank: int, visible_gpus: int, environ=None) -> torch.device:
+    """This rank's GPU: ``cuda:<local_rank>`` when the process sees all of its node's GPUs (torchrun,
+    deepspeed); ``cuda:0`` when it sees exactly one through ``CUDA_VISIBLE_DEVICES`` while its local rank is
+    higher (Slurm's per-task GPU binding, ``--gpus-per-task=1``). ValueError when the rank has no GPU of its own."""
+    environ = os.environ if environ is None else environ
+    if local_rank < visible_gpus:
+        return torch.device("cuda", local_rank)
+    if visible_gpus == 1 and environ.get("CUDA_VISIBLE_DEVICES", "").strip():
+        return torch.device("cuda", 0)
+    raise ValueError(f"local rank {local_rank} but this process sees {visible_gpus} GPU(s) "
+                     f"(CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): start at most "
+                     f"{visible_gpus} rank(s) per node (deepspeed --num_gpus, torchrun --nproc_per_node), or "
+                     "bind one GPU per task (srun --gpus-per-task=1)")
 
 
 def _skip_shm_op_build() -> None:
@@ -78,23 +96,66 @@ def _skip_shm_op_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def init_distributed(launch: Launch) -> None:
-    """Start the process group: nccl on CUDA, gloo on CPU. A plain ``python`` run gets world size 1."""
-    import deepspeed
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    # torch.distributed's env:// rendezvous reads these; under mpirun they come from the MPI variables
+
+def rendezvous_env(launch: Launch, environ=None) -> None:
+    """Fill in what torch.distributed's env:// rendezvous reads and the launcher did not set (under mpirun only
+    the MPI variables are set). One process gets a free port, so that two one-GPU runs on a host do not meet
+    on the same one; several ranks need one port they all know, the launchers' default 29500."""
+    environ = os.environ if environ is None else environ
+    port = free_port() if launch.world_size == 1 and "MASTER_PORT" not in environ else 29500
     for key, value in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size), ("LOCAL_RANK", launch.local_rank),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
-        os.environ.setdefault(key, str(value))
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port)):
+        environ.setdefault(key, str(value))
+
+
+def start_process_group(launch: Launch) -> str:
+    """Start torch.distributed's default group for ``launch`` (a no-op when it is already started): nccl
+    bound to this rank's GPU on CUDA, gloo on CPU. Returns the backend name.
+
+    The group is started here rather than by DeepSpeed, which binds ``cuda:<LOCAL_RANK>``: that device does
+    not exist when each task sees one GPU (``cuda_device_for``). Only CUDA tensors may then reach a
+    collective: nccl registers no CPU backend (megagpt's own collectives use the training device)."""
+    import torch.distributed as dist
+
+    rendezvous_env(launch)
+    kwargs = {}
     if launch.device.type == "cuda":
         torch.cuda.set_device(launch.device)
         backend = "nccl"
+        # binding the device lets NCCL set up eagerly; not for one rank (no peer: DeepSpeed #8248)
+        if launch.world_size > 1 and "device_id" in inspect.signature(dist.init_process_group).parameters:
+            kwargs["device_id"] = launch.device
     else:
-        _skip_shm_op_build()
         backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, **kwargs)
+    return backend
+
+
+def init_distributed(launch: Launch) -> None:
+    """Start the process group (``start_process_group``) and DeepSpeed's communication layer over it. A
+    plain ``python`` run gets world size 1."""
+    import deepspeed
+
+    if launch.device.type == "cpu":
+        _skip_shm_op_build()
+    backend = start_process_group(launch)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if launch.is_main:
         print(f"started process group: world size {launch.world_size}, backend {backend}", flush=True)
+
+
+def deepspeed_device_args(launch: Launch) -> SimpleNamespace | None:
+    """The ``args`` for ``deepspeed.initialize``: on CUDA this rank's device index (``device_rank``), which
+    DeepSpeed's engine otherwise takes from ``LOCAL_RANK`` (wrong under a per-task GPU binding, see
+    ``cuda_device_for``); None on CPU."""
+    return SimpleNamespace(device_rank=launch.device.index) if launch.device.type == "cuda" else None
 
 
 def seed_everything(seed: int) -> None:
@@ -186,7 +247,7 @@ def build_engine(config: Config, launch: Launch, groups=None, init_weights: bool
                                       decay_norms_and_biases=opt.decay_norms_and_biases,
                                       separate_replicated=tensor_parallel)
     optimizer = build_optimizer(param_groups, opt.kind, opt.lr, opt.betas, opt.eps, device=launch.device)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+    engine, _, _, _ = deepspeed.initialize(args=deepspeed_device_args(launch), model=model, optimizer=optimizer,
                                            config=deepspeed_config(config, launch.world_size),
                                            mpu=groups if tensor_parallel and par.pp == 1 else None)
     if opt.uses_bitsandbytes and any(g["name"] == "embedding" for g in param_groups):  # not on middle stages

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -24,19 +25,26 @@ from megagpt.config.sections import LoggingConfig
 
 METRICS_FILENAME = "metrics.jsonl"
 
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets. Checked in order, so
-# a more specific name comes before a less specific one; each entry matches when every substring occurs
-# in the upper-cased device name (as torch.cuda.get_device_name() reports it). V100 has no bf16: fp16.
-DEVICE_PEAK_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
-    (("H100", "PCIE"), 756.0),
-    (("GH200",), 989.0),
-    (("H200",), 989.0),
-    (("H100",), 989.0),  # SXM
-    (("A100",), 312.0),
-    (("L40S",), 362.0),
-    (("L4",), 121.0),
-    (("V100",), 125.0),
+# Dense (no sparsity) peaks in TFLOP/s per precision, from NVIDIA's data sheets (their headline figures are
+# with 2:4 sparsity: halved here). "fp32" is plain FP32 on the CUDA cores, "tf32" the tensor cores' TF32
+# (what fp32 matmuls use when torch.backends.cuda.matmul.allow_tf32 is on). Entries are checked in order, so a
+# more specific name comes first; an entry matches when each of its words is a whole word of the upper-cased
+# device name (torch.cuda.get_device_name()), so "L4" does not match "L40" and "H100" alone is the SXM part.
+# V100 has no bf16 tensor cores: no bf16 entry (no MFU rather than one against the wrong peak).
+DEVICE_PEAK_TFLOPS: tuple[tuple[tuple[str, ...], dict[str, float]], ...] = (
+    (("H100", "PCIE"), {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
+    (("H100", "NVL"), {"bf16": 835.0, "fp16": 835.0, "tf32": 417.0, "fp32": 60.0}),
+    (("H200", "NVL"), {"bf16": 835.0, "fp16": 835.0, "tf32": 417.0, "fp32": 60.0}),
+    (("GH200",), {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}),
+    (("H200",), {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}),  # SXM
+    (("H100",), {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}),  # SXM
+    (("A100",), {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    (("L40S",), {"bf16": 362.0, "fp16": 362.0, "tf32": 183.0, "fp32": 91.6}),
+    (("L40",), {"bf16": 181.0, "fp16": 181.0, "tf32": 90.5, "fp32": 90.5}),
+    (("L4",), {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
+    (("V100",), {"fp16": 125.0, "fp32": 15.7}),
 )
+PEAK_PRECISIONS = ("bf16", "fp16", "tf32", "fp32")
 
 
 # ---- FLOPs and MFU -----------------------------------------------------------------------------
@@ -64,21 +72,36 @@ def flops_per_token(model: ModelConfig, seq_len: int) -> float:
     return float(6 * matmul_params + attention)
 
 
-def device_peak_tflops(device_name: str) -> float | None:
-    """Peak dense bf16 TFLOP/s of a device named like ``torch.cuda.get_device_name()``; None if unknown.
+def device_peak_tflops(device_name: str, precision: str = "bf16") -> float | None:
+    """Peak dense TFLOP/s at ``precision`` (``PEAK_PRECISIONS``) of a device named like
+    ``torch.cuda.get_device_name()``; None if unknown.
 
-    CPUs and unlisted accelerators get None: no MFU is reported rather than one against a guessed peak.
+    CPUs, unlisted accelerators and precisions a device has no peak for get None: no MFU is reported rather
+    than one against a guessed peak.
     """
-    name = device_name.upper()
-    for substrings, peak in DEVICE_PEAK_TFLOPS:
-        if all(s in name for s in substrings):
-            return peak
+    if precision not in PEAK_PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {list(PEAK_PRECISIONS)}")
+    words = set(re.split(r"[^A-Z0-9]+", device_name.upper()))
+    for names, peaks in DEVICE_PEAK_TFLOPS:
+        if all(name in words for name in names):
+            return peaks.get(precision)
     return None
 
 
-def resolve_peak_tflops(configured: float | None, device_name: str) -> float | None:
-    """``logging.peak_tflops_per_device`` when set, else the table's peak for ``device_name`` (or None)."""
-    return configured if configured is not None else device_peak_tflops(device_name)
+def matmul_precision(precision: str) -> str:
+    """The ``PEAK_PRECISIONS`` entry the matmuls of a ``parallel.precision`` run use: fp32 runs use TF32
+    tensor cores when torch allows it (``torch.backends.cuda.matmul.allow_tf32``)."""
+    import torch
+
+    if precision == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return precision
+
+
+def resolve_peak_tflops(configured: float | None, device_name: str, precision: str = "bf16") -> float | None:
+    """``logging.peak_tflops_per_device`` when set, else the table's peak for ``device_name`` at the matmul
+    precision of a ``parallel.precision`` run (``matmul_precision``), or None."""
+    return configured if configured is not None else device_peak_tflops(device_name, matmul_precision(precision))
 
 
 def tflops_per_device(tokens_per_sec: float, num_devices: int, flops_per_token_: float) -> float:

@@ -78,13 +78,16 @@ def memory_estimate(config: Config, world_size: int) -> dict[str, float]:
     low_precision = config.parallel.precision in ("bf16", "fp16")
     weight_bytes = 2 if low_precision else 4
     master = 4 * n if low_precision else 0
+    # ZeRO >= 1 accumulates gradients in fp32 (config/tree.py deepspeed_config): DeepSpeed's BF16_Optimizer
+    # (ZeRO-1) keeps fp32 gradients of the whole model, ZeRO-2/3 their rank's partition
+    gradient_bytes = 4 if stage >= 1 else weight_bytes
     if config.optimizer.uses_bitsandbytes:
         embedding = config.model.padded_vocab_size * config.model.d_model / config.parallel.tp
         optimizer = 2 * (n - embedding) + 8 * embedding  # 8-bit moments, 32-bit for the embedding
     else:
         optimizer = 8 * n
     return {"weights": weight_bytes * n / (dp if stage >= 3 else 1),
-            "gradients": weight_bytes * n / (dp if stage >= 2 else 1),
+            "gradients": gradient_bytes * n / (dp if stage >= 2 else 1),
             "optimizer": (master + optimizer) / (dp if stage >= 1 else 1)}
 
 

@@ -22,7 +22,7 @@ from megagpt.checkpoint import latest_tag, load_checkpoint, save_checkpoint
 from megagpt.config import Config
 from megagpt.convert.universal import is_universal_dir
 from megagpt.engine import Launch
-from megagpt.optim import LRSchedule, LRScheduler, SeqLenSchedule, SeqLenWarmup
+from megagpt.optim import LRSchedule, LRScheduler, SeqLenSchedule, SeqLenWarmup, restore_paged_state
 
 
 CLIENT_STATE_KEY = "megagpt"
@@ -76,24 +76,29 @@ def build_schedules(config: Config) -> tuple[LRScheduler, SeqLenWarmup]:
 
 
 def _barrier() -> None:
+    # NCCL's barrier runs on the current CUDA device, which init_distributed set to this rank's
     if dist.is_initialized():
         dist.barrier()
 
 
-def _mean_over_ranks(value: float, world_size: int) -> float:
-    """Average a float over all ranks (gloo has no AVG reduction: sum, then divide)."""
+# Every tensor handed to a collective lives on the training device: a process group started for CUDA
+# ("nccl") has no backend for CPU tensors ("No backend type associated with device type cpu").
+def _mean_over_ranks(value: float, world_size: int, device: torch.device) -> float:
+    """Average a float over all ranks (gloo has no AVG reduction: sum, then divide); collective when
+    ``world_size > 1``, on a tensor on ``device`` (the training device)."""
     if world_size == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.item() / world_size
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is True on any (so all ranks stop at the same step)."""
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on any (so all ranks stop at the same step); the
+    all-reduce runs on ``device`` (the training device)."""
     if not dist.is_initialized():
         return flag
-    tensor = torch.tensor([int(flag)])
+    tensor = torch.tensor([int(flag)], dtype=torch.int32, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
 
@@ -124,16 +129,19 @@ def _plain_fp32_engine(engine) -> bool:
     return not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
 
 
-def _grad_norm(module: torch.nn.Module, tp_group=None) -> float:
-    """L2 norm over every parameter gradient of ``module``; under tensor parallelism the squares of split
-    parameters (``tensor_model_parallel``) are summed over ``tp_group``, replicated ones counted once."""
+def _grad_norm(module: torch.nn.Module, device: torch.device, tp_group=None) -> float:
+    """L2 norm over every parameter gradient of ``module`` (on ``device``, the training device); under
+    tensor parallelism the squares of split parameters (``tensor_model_parallel``) are summed over
+    ``tp_group``, replicated ones counted once."""
     split, replicated = [], []
     for p in module.parameters():
         if p.grad is not None:
             (split if getattr(p, "tensor_model_parallel", False) else replicated).append(p.grad.float())
 
     def squares(grads):
-        return torch.stack([torch.linalg.vector_norm(g) ** 2 for g in grads]).sum() if grads else torch.zeros(())
+        if not grads:  # e.g. a rank without split parameters: still joins the all-reduce, on the device
+            return torch.zeros((), device=device)
+        return torch.stack([torch.linalg.vector_norm(g) ** 2 for g in grads]).sum()
 
     split_squares = squares(split)
     if tp_group is not None:
@@ -182,7 +190,7 @@ def evaluate(engine, valid_dataset, config: Config, launch: Launch, groups) -> f
         losses = [micro_loss(engine, full_rows(torch.from_numpy(m)), launch.device).item()
                   for _ in range(config.logging.eval_iters) for m in loader.next_step()]
         engine.train()
-    return _mean_over_ranks(float(np.mean(losses)), launch.world_size)
+    return _mean_over_ranks(float(np.mean(losses)), launch.world_size, launch.device)
 
 
 def train(config: Config, engine, launch: Launch, groups, exit_interval: int | None = None) -> TrainState:
@@ -205,7 +213,7 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
 
     metrics_dir = save_dir or tempfile.mkdtemp(prefix="megagpt-metrics-")
     device_name = torch.cuda.get_device_name(launch.device) if launch.device.type == "cuda" else "cpu"
-    peak = resolve_peak_tflops(config.logging.peak_tflops_per_device, device_name)
+    peak = resolve_peak_tflops(config.logging.peak_tflops_per_device, device_name, config.parallel.precision)
     sync = torch.cuda.synchronize if launch.device.type == "cuda" else None
 
     def save() -> None:
@@ -243,7 +251,8 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
                 if (engine.is_gradient_accumulation_boundary() and logger.is_log_step(state.step + 1)
                         and _plain_fp32_engine(engine)):
                     # reduced, not yet clipped: what ZeRO reports
-                    plain_norm = _grad_norm(engine.module, groups.tp_group if groups.topology.tp > 1 else None)
+                    plain_norm = _grad_norm(engine.module, launch.device,
+                                            groups.tp_group if groups.topology.tp > 1 else None)
                 engine.step()
                 step_losses.append(loss.detach())
             state.step += 1
@@ -253,7 +262,8 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
             losses.append(torch.stack(step_losses).float().mean())
 
             if logger.is_log_step(state.step):
-                loss_avg = _mean_over_ranks(float(np.mean([x.item() for x in losses])), launch.world_size)
+                loss_avg = _mean_over_ranks(float(np.mean([x.item() for x in losses])), launch.world_size,
+                                            launch.device)
                 tokens_per_sec, _ = timer.lap()
                 fpt = flops_per_token(config.model, seq_len)
                 tflops = tflops_per_device(tokens_per_sec, launch.world_size, fpt)
@@ -266,7 +276,7 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
                 logger.log_eval(state.step, evaluate(engine, valid_ds, config, launch, groups), state.tokens)
                 pipeline_len = None
                 timer.restart()
-            stopping = _any_rank(stop.received is not None) or (
+            stopping = _any_rank(stop.received is not None, launch.device) or (
                 exit_interval is not None and state.step % exit_interval == 0)
             if state.step % config.checkpoint.save_interval == 0 or stopping:
                 save()
@@ -298,6 +308,7 @@ def _resume(engine, config: Config, launch: Launch, loader, lr_scheduler, warmup
             print(f"checkpoint.load={config.checkpoint.load} has no checkpoint: starting from scratch", flush=True)
         return None
     client_state = load_checkpoint(engine, directory, launch.rank, launch.world_size, config.seed)
+    restore_paged_state(engine.optimizer)  # loading fills a paged 8-bit optimizer's state with plain tensors
     if CLIENT_STATE_KEY not in client_state:
         raise ValueError(f"the checkpoint in {directory} has no {CLIENT_STATE_KEY!r} state: it was not written by "
                          "megagpt/pretrain.py; start a fresh run with another --save directory")

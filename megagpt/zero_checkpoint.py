@@ -49,6 +49,23 @@ class ZeroState:
     dynamic_loss_scale: bool = False
 
 
+def flat_groups(zero_optimizer) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """Per param group: the low-precision parameters and this rank's flat fp32 master partition, of a ZeRO-1/2
+    optimizer or of DeepSpeed's ``BF16_Optimizer`` (what bf16 + ZeRO-1 with fp32 gradient accumulation runs:
+    the same flat layout and checkpoint keys under other attribute names, and no ``zero_stage`` key)."""
+    if hasattr(zero_optimizer, "fp32_groups_flat_partition"):  # BF16_Optimizer
+        return zero_optimizer.bf16_groups, zero_optimizer.fp32_groups_flat_partition
+    return zero_optimizer.bit16_groups, zero_optimizer.single_partition_of_fp32_groups
+
+
+def _zero_stage_of(shard: dict) -> int:
+    """The ZeRO stage a shard was written under; BF16_Optimizer (bf16 + ZeRO-1) writes none but a partition
+    count, the same per-rank flat layout as ZeRO-1."""
+    if "zero_stage" in shard:
+        return int(shard["zero_stage"])
+    return 1 if "partition_count" in shard and "single_partition_of_fp32_groups" in shard else -1
+
+
 def zero_shard_files(step_dir: str | Path, mp_rank: int = 0) -> list[Path]:
     """The ZeRO-1/2 optimizer shard files of tensor-parallel rank ``mp_rank`` in a checkpoint step
     directory, by data-parallel rank (empty for ZeRO-0, whose optimizer state is in the model-states file)."""
@@ -108,7 +125,7 @@ def read_zero_state(step_dir: str | Path, mp_rank: int = 0) -> ZeroState:
         raise ValueError(f"{step_dir} holds no ZeRO-1/2 optimizer shards")
     # Our own checkpoints; DeepSpeed pickles enums and dataclasses in them, so weights_only cannot be used.
     shards = [torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"] for path in files]
-    stage = int(shards[0].get("zero_stage", -1))
+    stage = _zero_stage_of(shards[0])
     if stage not in (1, 2):
         raise ValueError(f"{files[0]} was written under ZeRO stage {stage}; only ZeRO-1/2 optimizer state can be "
                          "resharded to another data-parallel size (resume ZeRO-3 runs with their world size)")
@@ -157,9 +174,9 @@ def _check_sizes(group: GroupState, g: int, params: dict[str, torch.Tensor]) -> 
 
 def _partition(zero_optimizer, g: int, per_param: dict[str, torch.Tensor]) -> torch.Tensor:
     """This rank's flat slice of group ``g`` built from full per-parameter tensors (zeros in the padding)."""
-    hp = zero_optimizer.single_partition_of_fp32_groups[g]
-    out = torch.zeros(hp.numel(), dtype=torch.float32)
-    for lp in zero_optimizer.bit16_groups[g]:
+    lp_groups, hp_groups = flat_groups(zero_optimizer)
+    out = torch.zeros(hp_groups[g].numel(), dtype=torch.float32)
+    for lp in lp_groups[g]:
         mapping = lp._hp_mapping
         if mapping is None:  # no element of this parameter lives in this rank's slice
             continue
@@ -179,16 +196,17 @@ def load_zero_state(engine, state: ZeroState) -> None:
         raise ValueError(f"the checkpoint has {len(state.groups)} optimizer param groups, the optimizer "
                          f"{len(base.param_groups)}")
     template = base.state_dict()  # param_groups (hyper-parameters, param ids) of the new optimizer
+    lp_groups, hp_groups = flat_groups(zero_optimizer)
     new_state = {}
     for g, group in enumerate(state.groups):
-        params = {zero_optimizer.param_names[lp]: lp for lp in zero_optimizer.bit16_groups[g]}
+        params = {zero_optimizer.param_names[lp]: lp for lp in lp_groups[g]}
         _check_sizes(group, g, params)
         flat_masters = {name: t.flatten() for name, t in group.master.items()}
+        hp = hp_groups[g]
         with torch.no_grad():
-            hp = zero_optimizer.single_partition_of_fp32_groups[g]
             hp.copy_(_partition(zero_optimizer, g, flat_masters).to(hp.device, hp.dtype))
         moments = {key: _partition(zero_optimizer, g, per_param) for key, per_param in group.moments.items()}
-        device = zero_optimizer.single_partition_of_fp32_groups[g].device
+        device = hp.device
         if group.kind == "bnb8":
             entry = {"step": group.step}
             for index in ("1", "2"):

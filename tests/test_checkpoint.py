@@ -51,3 +51,62 @@ def test_rng_state_round_trip():
     set_rng_state(state)
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert again[0] == expected[0] and again[1] == expected[1] and torch.equal(again[2], expected[2])
+
+
+class FakeNode:
+    """torch.cuda's RNG functions for a node with ``gpus`` visible devices, each with its own generator state."""
+
+    def __init__(self, gpus: int):
+        self.states = {i: torch.tensor([100 + i], dtype=torch.uint8) for i in range(gpus)}
+
+    def get_rng_state(self, device="cuda"):
+        return self.states[torch.device(device).index].clone()
+
+    def set_rng_state(self, state, device="cuda"):
+        index = torch.device(device).index
+        if index not in self.states:
+            raise RuntimeError(f"invalid device ordinal {index}")
+        self.states[index] = state.clone()
+
+    def everything(self, *args):
+        raise AssertionError("touches every visible GPU")
+
+    def install(self, monkeypatch):
+        for name in ("get_rng_state", "set_rng_state"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+        for name in ("get_rng_state_all", "set_rng_state_all"):
+            monkeypatch.setattr(torch.cuda, name, self.everything)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+def test_cuda_rng_round_trip_keeps_the_rank_s_own_device_only(monkeypatch):
+    node = FakeNode(gpus=8)
+    node.install(monkeypatch)
+    state = rng_state(torch.device("cuda", 5))
+    assert torch.equal(state["cuda"], torch.tensor([105], dtype=torch.uint8))  # one generator: local rank 5's
+    node.states[5] = torch.tensor([0], dtype=torch.uint8)
+    set_rng_state(state, torch.device("cuda", 5))
+    assert node.states[5].item() == 105 and all(node.states[i].item() == 100 + i for i in range(5))
+
+
+def test_resume_with_fewer_gpus_per_node_restores_the_stream_on_the_rank_s_new_device(monkeypatch):
+    """Saved by local rank 5 of an 8-GPU node; the same global rank resumes as local rank 1 of a 4-GPU node:
+    its stream must land on its new device (cuda:1), other devices untouched."""
+    FakeNode(gpus=8).install(monkeypatch)
+    saved = rng_state(torch.device("cuda", 5))
+    node = FakeNode(gpus=4)
+    node.install(monkeypatch)
+    set_rng_state(saved, torch.device("cuda", 1))
+    assert [node.states[i].item() for i in range(4)] == [100, 105, 102, 103]
+
+
+def test_rng_state_moves_between_cpu_and_gpu_runs(monkeypatch):
+    cpu_state = rng_state(torch.device("cpu"))
+    assert cpu_state["cuda"] is None
+    node = FakeNode(gpus=2)
+    node.install(monkeypatch)
+    set_rng_state(cpu_state, torch.device("cuda", 0))  # a CPU checkpoint leaves the CUDA generator as seeded
+    assert node.states[0].item() == 100
+    set_rng_state(rng_state(torch.device("cuda", 1)), torch.device("cpu"))  # no CUDA generator on a CPU run
+    with pytest.raises(ValueError, match="2 CUDA generators"):
+        set_rng_state({**cpu_state, "cuda": [torch.zeros(1), torch.zeros(1)]}, torch.device("cuda", 0))

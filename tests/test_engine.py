@@ -1,6 +1,7 @@
 """megagpt/engine.py: build_engine's parallel.activation_checkpointing and parallel.compile options."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -124,3 +125,43 @@ def test_ranks_come_from_torchrun_or_mpi_variables_and_default_to_one_process():
     assert ranks_from_env({**openmpi, "RANK": "0", "WORLD_SIZE": "2"}) == (0, 2, 0)  # the launcher's own first
     assert ranks_from_env({"PMI_RANK": "2", "PMI_SIZE": "4"}) == (2, 4, 0)
     assert ranks_from_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "4"}) == (0, 1, 0)  # not a launch by itself
+
+
+def test_each_rank_takes_its_own_gpu_or_the_one_a_per_task_binding_shows_it():
+    from megagpt.engine import cuda_device_for
+
+    assert cuda_device_for(3, 8, environ={}) == torch.device("cuda", 3)  # torchrun / deepspeed: the node's GPUs
+    # Slurm --gpus-per-task=1: every task sees one GPU, whatever its local rank
+    assert cuda_device_for(3, 1, environ={"CUDA_VISIBLE_DEVICES": "3"}) == torch.device("cuda", 0)
+    assert cuda_device_for(0, 1, environ={"CUDA_VISIBLE_DEVICES": "0"}) == torch.device("cuda", 0)
+    # more ranks than GPUs without a binding (deepspeed --num_gpus 2 on a one-GPU machine): said, not shared
+    with pytest.raises(ValueError, match=r"local rank 1 but this process sees 1 GPU\(s\).*at most 1 rank"):
+        cuda_device_for(1, 1, environ={})
+    with pytest.raises(ValueError, match="local rank 5 but this process sees 4 GPU"):
+        cuda_device_for(5, 4, environ={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+
+
+def test_deepspeed_is_told_the_rank_s_device_instead_of_taking_cuda_local_rank():
+    from megagpt.engine import deepspeed_device_args
+
+    bound = Launch(rank=11, world_size=16, local_rank=3, device=torch.device("cuda", 0))  # per-task binding
+    assert deepspeed_device_args(bound).device_rank == 0
+    assert deepspeed_device_args(Launch(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))) is None
+
+
+def test_one_process_rendezvous_takes_a_free_port_and_several_ranks_the_launchers_default():
+    from megagpt.engine import rendezvous_env
+
+    cpu = torch.device("cpu")
+    one = {}
+    rendezvous_env(Launch(rank=0, world_size=1, local_rank=0, device=cpu), environ=one)
+    assert one["MASTER_PORT"] != "29500" and one["MASTER_ADDR"] == "127.0.0.1"  # two one-GPU runs must not meet
+    assert (one["RANK"], one["WORLD_SIZE"], one["LOCAL_RANK"]) == ("0", "1", "0")
+    with socket.socket() as sock:  # nobody listens there: the process group can bind it
+        sock.bind(("127.0.0.1", int(one["MASTER_PORT"])))
+    given = {"MASTER_PORT": "31234"}
+    rendezvous_env(Launch(rank=0, world_size=1, local_rank=0, device=cpu), environ=given)
+    assert given["MASTER_PORT"] == "31234"  # the launcher's (or the user's) port wins
+    several = {}  # e.g. mpirun, which sets only its own variables: every rank must agree without talking
+    rendezvous_env(Launch(rank=1, world_size=2, local_rank=1, device=cpu), environ=several)
+    assert several["MASTER_PORT"] == "29500" and several["RANK"] == "1"

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from megagpt.config import LoggingConfig, ModelConfig
 from megagpt.metrics import (METRICS_FILENAME, MetricsLogger, StepTimer, device_peak_tflops, flops_per_token, mfu,
@@ -49,6 +50,34 @@ def test_device_peaks_and_resolution():
     assert resolve_peak_tflops(None, "cpu") is None
     assert resolve_peak_tflops(500.0, "NVIDIA A100-SXM4-80GB") == 500.0  # the config wins over the table
     assert resolve_peak_tflops(None, "NVIDIA H200") == 989.0
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA L4", 121.0), ("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.0),  # "L4" is not a match inside "L40"
+    ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200 NVL", 835.0),  # NVL parts are not the SXM ones
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0), ("NVIDIA GH200 480GB", 989.0),
+    ("NVIDIA A100 80GB PCIe", 312.0), ("Tesla V100-SXM2-16GB", None),  # V100: no bf16 tensor cores
+])
+def test_bf16_peak_of_each_device_name(name, peak):
+    assert device_peak_tflops(name) == peak
+
+
+def test_an_fp32_run_is_measured_against_the_fp32_or_tf32_peak():
+    matmul = torch.backends.cuda.matmul  # a torch module object whose attributes monkeypatch cannot restore
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert resolve_peak_tflops(None, "NVIDIA H100 80GB HBM3", "fp32") == 67.0
+        assert resolve_peak_tflops(None, "NVIDIA A100-SXM4-80GB", "fp32") == 19.5
+        assert resolve_peak_tflops(None, "NVIDIA H100 80GB HBM3", "bf16") == 989.0
+        assert resolve_peak_tflops(None, "Tesla V100-SXM2-16GB", "fp16") == 125.0
+        matmul.allow_tf32 = True  # fp32 matmuls on TF32 tensor cores
+        assert resolve_peak_tflops(None, "NVIDIA H100 80GB HBM3", "fp32") == 494.0
+    finally:
+        matmul.allow_tf32 = before
+    assert resolve_peak_tflops(123.0, "NVIDIA H100 80GB HBM3", "fp32") == 123.0
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        device_peak_tflops("NVIDIA H100 80GB HBM3", "fp8")
 
 
 def test_perplexity_guards_overflow():

@@ -119,5 +119,7 @@ def test_memory_estimate_follows_precision_and_zero_stage(tiny_run):
     n = parameter_count(fp32.model)
     assert memory_estimate(fp32, 1) == {"weights": 4 * n, "gradients": 4 * n, "optimizer": 8 * n}
     bf16 = load_config(path, ["parallel.precision=bf16", "parallel.zero_stage=2"])
-    # dp=2: ZeRO-2 shards gradients and the fp32 master + Adam moments, not the bf16 weights
-    assert memory_estimate(bf16, 2) == {"weights": 2 * n, "gradients": n, "optimizer": 12 * n / 2}
+    # dp=2: ZeRO-2 shards gradients (accumulated in fp32) and the fp32 master + Adam moments, not the bf16 weights
+    assert memory_estimate(bf16, 2) == {"weights": 2 * n, "gradients": 4 * n / 2, "optimizer": 12 * n / 2}
+    bf16_zero1 = load_config(path, ["parallel.precision=bf16", "parallel.zero_stage=1"])
+    assert memory_estimate(bf16_zero1, 2)["gradients"] == 4 * n  # BF16_Optimizer: fp32 gradients of every weight

@@ -15,7 +15,7 @@ import torch
 
 from megagpt.convert import (Universal, consolidate, is_universal_dir, load_universal, param_layout, save_universal,
                              tp_slice)
-from testing_utils import REPO, TESTS_DIR, losses, read_jsonl, run_training
+from testing_utils import REPO, SCRIPT_PYTHONPATH, losses, read_jsonl, run_training
 
 CONVERT = str(REPO / "tools" / "convert_checkpoint.py")
 
@@ -379,7 +379,7 @@ def test_same_layout_round_trip_through_universal_is_exact(tmp_path, launcher, t
     script = tmp_path / "round_trip.py"
     script.write_text(ROUND_TRIP)
     result = run_training(launcher, [str(tmp_path / "save"), str(tp), str(stage), precision, kind], port,
-                          script=str(script), timeout=240, env={"PYTHONPATH": TESTS_DIR})
+                          script=str(script), timeout=240, env={"PYTHONPATH": SCRIPT_PYTHONPATH})
     ranks = 1 if launcher == "python" else 2
     for rank in range(ranks):
         assert f"rank {rank}: " in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

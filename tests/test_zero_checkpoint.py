@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megagpt.zero_checkpoint import zero_shard_files
-from testing_utils import TESTS_DIR, run_training
+from testing_utils import SCRIPT_PYTHONPATH, run_training
 
 ROUND_TRIP = textwrap.dedent("""
     import sys, torch
@@ -43,25 +43,30 @@ ROUND_TRIP = textwrap.dedent("""
     load_zero_state(fresh, read_zero_state(save / "step3"))
     checked, dtypes = assert_same_optimizer_state(trained, fresh, stage)
     dtypes = sorted(dtypes)
-    print(f"rank {launch.rank}: {checked} state tensors equal; state dtypes {dtypes}", flush=True)
+    print(f"rank {launch.rank}: {checked} state tensors equal; state dtypes {dtypes}; "
+          f"{type(trained.optimizer).__name__} accumulates {trained.get_data_types()[1]}", flush=True)
 """)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, precision, kind, dtypes", [
     (1, "fp32", "adamw", None),
+    (1, "bf16", "adamw8bit", "['torch.float32', 'torch.uint8']"),
     (2, "bf16", "adamw8bit", "['torch.float32', 'torch.uint8']"),
-], ids=["zero1-fp32-adamw", "zero2-bf16-adamw8bit"])
+], ids=["zero1-fp32-adamw", "zero1-bf16-adamw8bit", "zero2-bf16-adamw8bit"])
 def test_two_rank_zero_state_round_trips_exactly_through_per_parameter_tensors(tmp_path, stage, precision, kind,
                                                                                dtypes):
     script = tmp_path / "round_trip.py"
     script.write_text(ROUND_TRIP)
     result = run_training("torchrun", [str(tmp_path / "save"), str(stage), precision, kind], 29691 + stage,
-                          script=str(script), env={"PYTHONPATH": TESTS_DIR})
+                          script=str(script), env={"PYTHONPATH": SCRIPT_PYTHONPATH})
     for rank in (0, 1):
         assert f"rank {rank}: " in result.stdout, result.stdout
     if dtypes:  # 8-bit moments for the matrices, 32-bit for the embedding group
         assert f"state dtypes {dtypes}" in result.stdout, result.stdout
+    # gradients accumulate in fp32 (bf16 + ZeRO-1: DeepSpeed's BF16_Optimizer, whose layout is resharded too)
+    optimizer = "BF16_Optimizer" if (stage, precision) == (1, "bf16") else "DeepSpeedZeroOptimizer"
+    assert f"{optimizer} accumulates torch.float32" in result.stdout, result.stdout
     assert len(zero_shard_files(tmp_path / "save" / "step3")) == 2
 
 

@@ -140,6 +140,8 @@ def assert_same_curve_as_one_rank(run: list[dict], one_rank: list[dict]) -> None
 
 # --- engine state comparisons, also used by the round-trip scripts the tests run in subprocesses ---
 TESTS_DIR = str(REPO / "tests")  # PYTHONPATH for those scripts, so that they can import this module
+# ... and this checkout's megagpt before any installed one (a script outside the repository would import that)
+SCRIPT_PYTHONPATH = os.pathsep.join([str(REPO), TESTS_DIR])
 
 
 def assert_same_optimizer_state(trained, fresh, zero_stage: int) -> tuple[int, set[str]]:
@@ -147,10 +149,10 @@ def assert_same_optimizer_state(trained, fresh, zero_stage: int) -> tuple[int, s
     and every state tensor of the wrapped optimizer, compared where the optimizer reads (ZeRO pads flat partitions
     past the parameters; the padding is never read). Returns (tensors compared, dtypes of the moments)."""
     import torch
+    from megagpt.zero_checkpoint import flat_groups
 
     if zero_stage:
-        for g, (a, b) in enumerate(zip(trained.optimizer.single_partition_of_fp32_groups,
-                                       fresh.optimizer.single_partition_of_fp32_groups)):
+        for g, (a, b) in enumerate(zip(flat_groups(trained.optimizer)[1], flat_groups(fresh.optimizer)[1])):
             assert torch.equal(a, b), f"group {g}: fp32 master slices differ"
     base_a = trained.optimizer.optimizer if zero_stage else trained.optimizer
     base_b = fresh.optimizer.optimizer if zero_stage else fresh.optimizer

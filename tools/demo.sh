@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end, on the corpus shipped in data/ (Shakespeare, public domain), nanoGPT's
-# shakespeare_char setting: preprocess -> train on 2 data-parallel ranks with DeepSpeed (CPU or GPU) ->
+# shakespeare_char setting: preprocess -> train on 2 data-parallel ranks with DeepSpeed (2 CPU ranks without a
+# GPU; on GPUs one rank per GPU, at most 2: one on a one-GPU machine) ->
 # checkpoint and stop half-way -> the same command again resumes -> validation perplexity -> a sample.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,11 @@ python tools/preprocess_data.py \
 python tools/dataset_info.py out/demo/shakespeare_text_document --split 90,10,0 --seq-len 128
 
 rm -rf out/demo/run   # a fresh run each time the demo is started
-train=(deepspeed --num_gpus 2 megagpt/pretrain.py --config configs/tiny.json --save out/demo/run
+# the ranks this machine can hold: one per GPU (at most 2, the batch of 16 = 2 x micro batch 8), 2 on CPU
+ranks=$(python -c "import torch; print(min(torch.cuda.device_count(), 2) or 2)")
+port=$(python -c "from megagpt.engine import free_port; print(free_port())")  # not 29500: another run may hold it
+echo "== $ranks rank(s) on $(python -c "import torch; print('GPU' if torch.cuda.is_available() else 'CPU')")"
+train=(deepspeed --num_gpus "$ranks" --master_port "$port" megagpt/pretrain.py --config configs/tiny.json --save out/demo/run
        --train-iters 200 --eval-interval 100 --set batch.micro_batch=8 --set schedule.warmup_iters=20
        --set tokenizer.type=CharLevelTokenizer --set tokenizer.vocab_file=out/demo/chars.json)
 echo "== training, stopping after the checkpoint at step 100 (as if the job were preempted)"

@@ -29,6 +29,8 @@ DEEPSPEED_OWNED_KEYS = {
     "scheduler": "the schedule section",
     "zero_allow_untested_optimizer": "optimizer.kind",
     "zero_optimization.stage": "parallel.zero_stage",
+    "data_types.grad_accum_dtype": "parallel.precision (gradients accumulate in fp32)",
+    "communication_data_type": "parallel.precision (gradients are reduced in fp32)",
 }
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
             "schedule": ScheduleConfig, "batch": BatchConfig, "parallel": ParallelConfig,
@@ -232,9 +234,15 @@ def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
         # loss_scale 0 selects dynamic loss scaling
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        # DeepSpeed's default for bf16 accumulates and reduces gradients in bf16: summing 128 micro batches
+        # (gpt1b on one GPU) rounds each addition to 8 mantissa bits. fp32 for both (bf16 + ZeRO-1 then runs
+        # DeepSpeed's BF16_Optimizer, ZeRO-2/3 keep an fp32 accumulation buffer; benchmarks/bench_grad_accum.py).
+        "communication_data_type": "fp32",
         "steps_per_print": 10 ** 9,  # our own logger reports; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
+    if config.parallel.zero_stage >= 1:  # DeepSpeed's ZeRO-0 fp16 path accumulates in fp16 only ("unsupported mix")
+        derived["data_types"] = {"grad_accum_dtype": "fp32"}
     if config.optimizer.uses_bitsandbytes:
         derived["zero_allow_untested_optimizer"] = True
     return _merge(derived, config.deepspeed)

@@ -26,7 +26,7 @@ import torch
 
 from megagpt.convert.readers import PipelineNames
 from megagpt.convert.universal import Universal, consolidate, load_universal
-from megagpt.zero_checkpoint import GroupState, ZeroState, _quantize, load_zero_state
+from megagpt.zero_checkpoint import GroupState, ZeroState, _quantize, flat_groups, load_zero_state
 
 TORCH_MOMENTS, BNB_MOMENTS = ("exp_avg", "exp_avg_sq"), ("state1", "state2")
 # A checkpoint whose tensor- or pipeline-parallel size differs from the run's is consolidated in memory on EVERY rank
@@ -112,9 +112,10 @@ def _load_zero12(engine, universal: Universal, rank: int, size: int, to_gpt=lamb
     bnb = _bnb_optimizer(zero_optimizer)
     _check_family(universal, bnb is not None)
     groups = []
-    for g, lp_params in enumerate(zero_optimizer.bit16_groups):
+    lp_groups, hp_groups = flat_groups(zero_optimizer)
+    for g, lp_params in enumerate(lp_groups):
         names = [zero_optimizer.param_names[lp] for lp in lp_params]
-        flat_partition = zero_optimizer.single_partition_of_fp32_groups[g]
+        flat_partition = hp_groups[g]
         kind = "torch" if bnb is None else ("bnb8" if _is_8bit(bnb, g, 0, flat_partition) else "bnb32")
         group = GroupState(names=names, kind=kind, step=_step_value(universal, bnb is not None))
         if kind == "bnb8":

@@ -8,7 +8,6 @@ on the number of ranks.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,21 +47,11 @@ class Shard:
 def setup_shard(device: str = "auto") -> Shard:
     """Rank and device from the launcher's environment (torchrun, deepspeed, mpirun: ``engine.launch_from_env``);
     with more than one rank, start the process group: gloo on CPU, nccl on CUDA."""
-    from megagpt.engine import launch_from_env
+    from megagpt.engine import launch_from_env, start_process_group
 
     launch = launch_from_env(device)
     if launch.world_size > 1:
-        import torch.distributed as dist
-
-        # env:// rendezvous reads these; under mpirun only the MPI variables are set
-        for key, value in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size),
-                           ("LOCAL_RANK", launch.local_rank), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
-            os.environ.setdefault(key, str(value))
-        if launch.device.type == "cuda":
-            torch.cuda.set_device(launch.device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if launch.device.type == "cuda" else "gloo",
-                                    rank=launch.rank, world_size=launch.world_size)
+        start_process_group(launch)
     return Shard(launch.rank, launch.world_size, launch.device)
 
 

@@ -118,6 +118,17 @@ class SelfAttention(nn.Module):
             self.slopes = alibi_slopes(config.num_heads, layers.tp_rank * self.num_heads, self.num_heads)
         self._slopes_on_device: dict[torch.device, torch.Tensor] = {}
 
+    def _apply(self, *args, **kwargs):
+        # Every move of the module (.to, .cuda, DeepSpeed's .bfloat16) passes here: cache the fp32 slopes on the
+        # parameters' new device now, in eager code. Under torch.compile the forward only reads the cache; a
+        # copy inside the forward would be a host-to-device copy (a sync) per layer per micro batch.
+        module = super()._apply(*args, **kwargs)
+        if self.slopes is not None:
+            device = self.qkv.weight.device
+            if device not in self._slopes_on_device:
+                self._slopes_on_device[device] = self.slopes.to(device)
+        return module
+
     def _slopes_for(self, device: torch.device) -> torch.Tensor | None:
         if self.slopes is None:
             return None
@@ -125,7 +136,7 @@ class SelfAttention(nn.Module):
         if slopes is None:
             slopes = self.slopes.to(device)
             # Under torch.compile, filling the cache is a side effect that Dynamo refuses inside a checkpointed
-            # block (it falls back to eager for the whole forward); the compiled graph holds the copy anyway.
+            # block (it falls back to eager for the whole forward); ``_apply`` fills it for the module's device.
             if not torch.compiler.is_compiling():
                 self._slopes_on_device[device] = slopes
         return slopes

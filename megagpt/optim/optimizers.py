@@ -63,6 +63,25 @@ def _unwrap_bnb_optimizer(optimizer):
     return optimizer if isinstance(optimizer, Optimizer8bit) else None
 
 
+def _zero3_partitions(optimizer, group_indices: list[int]) -> list[torch.Tensor]:
+    """The flat fp32 partitions a DeepSpeed ZeRO-3 optimizer (``optimizer`` or one it wraps) hands the base
+    optimizer for the param groups ``group_indices``. ZeRO-3 empties every group's ``params`` after setup and
+    puts one sub group's partition back for the length of each ``step``, so those partitions are what the
+    8-bit optimizer keys its state by. ValueError when there is no such optimizer: marking nothing would
+    silently give the group 8-bit state."""
+    zero3, seen = optimizer, 0
+    while zero3 is not None and not hasattr(zero3, "fp32_partitioned_groups_flat") and seen < 4:
+        zero3, seen = getattr(zero3, "optimizer", None), seen + 1
+    if zero3 is None or not hasattr(zero3, "fp32_partitioned_groups_flat"):
+        raise ValueError(f"optimizer param group(s) {group_indices} hold no tensors and {type(optimizer).__name__} "
+                         "is not a DeepSpeed ZeRO-3 optimizer whose partitions could be marked instead")
+    tensors = [flat for sub_group, flat in enumerate(zero3.fp32_partitioned_groups_flat)
+               if zero3.sub_group_to_group_id[sub_group] in group_indices]
+    if not tensors:
+        raise ValueError(f"the ZeRO-3 optimizer has no fp32 partition for param group(s) {group_indices}")
+    return tensors
+
+
 def keep_embedding_state_32bit(optimizer, group_name: str = "embedding") -> int:
     """Make a bitsandbytes optimizer keep 32-bit state for every tensor of the group ``group_name``.
 
@@ -80,7 +99,9 @@ def keep_embedding_state_32bit(optimizer, group_name: str = "embedding") -> int:
     replaced each group's ``params`` with this rank's flat fp32 partition of the group
     (``single_partition_of_fp32_groups[i]``), keeping the group's other keys, ``name`` included;
     those flat partitions are what get marked. Marking the model's parameters before initialize
-    does not work: the optimizer never sees them (PITFALLS.md).
+    does not work: the optimizer never sees them (PITFALLS.md). DeepSpeed ``BF16_Optimizer`` (bf16 +
+    ZeRO-1 with fp32 gradient accumulation) does the same. ZeRO-3 empties ``params`` instead and hands the
+    base optimizer one flat fp32 partition per sub group at step time: those are marked (``_zero3_partitions``).
 
     ``GlobalOptimManager`` is a process-wide singleton keyed by ``id(tensor)``: keep the optimizer
     alive while it is in use, and reset the manager (``GlobalOptimManager._instance = None``)
@@ -91,12 +112,14 @@ def keep_embedding_state_32bit(optimizer, group_name: str = "embedding") -> int:
         raise TypeError(f"keep_embedding_state_32bit needs a bitsandbytes optimizer (or a DeepSpeed one "
                         f"wrapping it), got {type(optimizer).__name__}; torch AdamW already keeps "
                         f"32-bit state for fp32 parameters, so do not call it for kind='adamw'")
-    groups = [g for g in bnb_optimizer.param_groups if g.get("name") == group_name]
-    if not groups:
+    indices = [i for i, g in enumerate(bnb_optimizer.param_groups) if g.get("name") == group_name]
+    if not indices:
         raise ValueError(f"no optimizer param group named {group_name!r}; groups present: "
                          f"{[g.get('name') for g in bnb_optimizer.param_groups]} "
                          f"(build the groups with megagpt.optim.build_param_groups)")
-    tensors = [p for g in groups for p in g["params"]]
+    tensors = [p for i in indices for p in bnb_optimizer.param_groups[i]["params"]]
+    if not tensors:
+        tensors = _zero3_partitions(optimizer, indices)
     for tensor in tensors:
         state = bnb_optimizer.state.get(tensor, {})
         if "state1" in state and state["state1"].dtype != torch.float32:
@@ -106,3 +129,32 @@ def keep_embedding_state_32bit(optimizer, group_name: str = "embedding") -> int:
     # The manager the optimizer captured when it was built (the singleton may have been reset since).
     bnb_optimizer.mng.override_config(tensors, key_value_dict={"optim_bits": 32})
     return len(tensors)
+
+
+PAGED_STATE_KEYS = ("state1", "state2")  # what bitsandbytes allocates with get_state_buffer (paged when asked)
+
+
+def restore_paged_state(optimizer) -> int:
+    """Put the loaded moments of a paged bitsandbytes optimizer back into paged memory; returns how many
+    tensors were replaced (0 for any other optimizer).
+
+    ``load_state_dict`` (DeepSpeed's checkpoint load, ``megagpt.zero_checkpoint.load_zero_state``) fills the
+    state with ordinary device tensors, so a resumed ``paged_adamw8bit`` run would silently keep its moments
+    in GPU memory for good. Each ``state1``/``state2`` is copied into a buffer from the optimizer's own
+    ``get_state_buffer``, which pages exactly what a fresh run pages (CUDA tensors of >= 1e5 elements; on
+    CPU bitsandbytes does not page at all). Call after every load of optimizer state."""
+    bnb_optimizer = _unwrap_bnb_optimizer(optimizer)
+    if bnb_optimizer is None or not bnb_optimizer.is_paged:
+        return 0
+    replaced = 0
+    for state in bnb_optimizer.state.values():
+        for key in PAGED_STATE_KEYS:
+            value = state.get(key)
+            # bitsandbytes never pages CPU tensors (its CPU fallback): nothing to restore there
+            if (isinstance(value, torch.Tensor) and value.device.type != "cpu"
+                    and not getattr(value, "is_paged", False)):
+                buffer = bnb_optimizer.get_state_buffer(value, dtype=value.dtype)
+                buffer.copy_(value)
+                state[key] = buffer
+                replaced += 1
+    return replaced

@@ -176,6 +176,20 @@ def test_deepspeed_derivation(config_file):
     fp16 = deepspeed_config(load_config(config_file(), ["parallel.precision=fp16", "parallel.zero_stage=0"]), 1)
     assert fp16["fp16"]["enabled"] is True and fp16["fp16"]["loss_scale"] == 0  # 0: dynamic loss scaling
     assert fp16["bf16"]["enabled"] is False and "zero_allow_untested_optimizer" not in fp16
+    # DeepSpeed's ZeRO-0 fp16 optimizer cannot accumulate in fp32 ("unsupported mix"): its default stays
+    assert "data_types" not in fp16 and fp16["communication_data_type"] == "fp32"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_runs_accumulate_and_reduce_gradients_in_fp32(config_file, stage):
+    """DeepSpeed's default for bf16 sums micro-batch gradients and reduces them in bf16 (8 mantissa bits)."""
+    config = load_config(config_file(), ["parallel.precision=bf16", f"parallel.zero_stage={stage}"])
+    ds = deepspeed_config(config, world_size=1)
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert ds["communication_data_type"] == "fp32"
+    for key in ("data_types.grad_accum_dtype=bf16", "communication_data_type=bf16"):
+        with pytest.raises(ValueError, match="comes from parallel.precision"):
+            load_config(config_file(), [f"deepspeed.{key}"])
 
 
 @pytest.mark.parametrize("overrides", [

@@ -57,6 +57,8 @@ def test_shipped_config_validates_and_derives_deepspeed(name, dataset):
         assert (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * dp_size
                 == ds["train_batch_size"] == config.batch.global_batch)
         assert ds["zero_optimization"]["stage"] == config.parallel.zero_stage
+        if config.parallel.zero_stage >= 1:  # e.g. gpt1b on one GPU sums 128 micro batches: in fp32
+            assert ds["data_types"]["grad_accum_dtype"] == ds["communication_data_type"] == "fp32"
     # the shipped data path is used only when not overridden; the override must have replaced it
     assert config.data.prefixes == [dataset]
 

@@ -68,3 +68,26 @@ def test_bias_matches_a_loop_over_absolute_positions():
                     assert bias[h, r, j].item() == pytest.approx(-slopes[h].item() * (i - j), abs=1e-12)
     with pytest.raises(ValueError, match="seq_q=5 must not exceed seq_k=4"):
         alibi_bias(slopes, 5, 4)
+
+
+def test_compiled_forward_takes_the_slopes_on_the_model_device_without_a_copy():
+    """Under torch.compile the slopes must come from the per-device cache, not from a host copy inside the graph
+    (a host-to-device copy, a sync, per layer per micro batch on a GPU). On the meta device a CPU tensor among
+    the compiled graph's inputs is such a copy; the model's own device is the only one allowed."""
+    from megagpt.config import ModelConfig
+    from megagpt.model import GPT
+
+    config = ModelConfig(vocab_size=64, seq_len=16, d_model=32, num_layers=2, num_heads=2,
+                         make_vocab_size_divisible_by=64)
+    model = GPT(config).to("meta")
+    graph_inputs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graph_inputs.extend(example_inputs)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=recording_backend, fullgraph=True)
+    assert compiled(torch.zeros(2, 16, dtype=torch.long, device="meta")).shape == (2, 16, 64)
+    assert graph_inputs
+    assert {str(t.device) for t in graph_inputs if isinstance(t, torch.Tensor)} == {"meta"}

@@ -15,6 +15,7 @@ from torch import nn
 from megagpt.config import ModelConfig
 from megagpt.model import GPT, language_model_loss
 from megagpt.optim import build_optimizer, build_param_groups, keep_embedding_state_32bit
+from testing_utils import REPO
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -171,20 +172,26 @@ if mark:
 tokens = torch.randint(0, 100, (4, 17))
 engine.backward(language_model_loss(engine(tokens[:, :-1]), tokens[:, 1:]))
 engine.step()
-print("DTYPES", json.dumps({g["name"]: [str(optimizer.state[p]["state1"].dtype) for p in g["params"]]
-                            for g in optimizer.param_groups}))
+if stage == 3:  # ZeRO-3 empties the groups' params: its flat partitions, by the group each belongs to
+    partitions = {g["name"]: [flat for sub, flat in enumerate(engine.optimizer.fp32_partitioned_groups_flat)
+                              if engine.optimizer.sub_group_to_group_id[sub] == i]
+                  for i, g in enumerate(optimizer.param_groups)}
+else:
+    partitions = {g["name"]: g["params"] for g in optimizer.param_groups}
+print("DTYPES", json.dumps({name: [str(optimizer.state[p]["state1"].dtype) for p in params]
+                            for name, params in partitions.items()}))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_embedding_partition_state_is_32bit_under_deepspeed_zero(stage, tmp_path):
     pytest.importorskip("deepspeed")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+               MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))  # this checkout's megagpt
     dtypes = {}
     for mark in ("mark", "no_mark"):
         result = subprocess.run([sys.executable, "-c", _ZERO_SCRIPT, str(stage), mark], env=env, cwd=tmp_path,
@@ -196,3 +203,34 @@ def test_embedding_partition_state_is_32bit_under_deepspeed_zero(stage, tmp_path
     assert dtypes["mark"] == {"decay": ["torch.uint8"], "no_decay": ["torch.uint8"], "embedding": ["torch.float32"]}
     # Control: without the call ZeRO's flat partition gets 8-bit state like everything else.
     assert dtypes["no_mark"]["embedding"] == ["torch.uint8"]
+
+
+def test_loaded_state_of_a_paged_optimizer_goes_back_into_paged_buffers(monkeypatch):
+    """``load_state_dict`` leaves plain device tensors behind; bitsandbytes pages only CUDA tensors (CPU falls
+    back), so the device here is ``meta`` and ``get_state_buffer`` hands out buffers marked as paged the way
+    ``bitsandbytes.functional.get_paged`` marks them."""
+    from megagpt.optim import restore_paged_state
+
+    param = torch.nn.Parameter(torch.zeros(300, 400, device="meta"))
+    optimizer = build_optimizer([{"params": [param], "weight_decay": 0.0, "name": "decay"}], "paged_adamw8bit",
+                                lr=1e-3)
+    loaded = {key: torch.empty(300, 400, dtype=torch.uint8, device="meta") for key in ("state1", "state2")}
+    absmax = torch.empty(470, device="meta")
+    optimizer.state[param] = {**loaded, "absmax1": absmax, "step": 7}
+    handed_out = []
+
+    def paged_buffer(value, dtype):
+        buffer = torch.empty_like(value, dtype=dtype)
+        buffer.is_paged = True
+        handed_out.append(buffer)
+        return buffer
+
+    monkeypatch.setattr(optimizer, "get_state_buffer", paged_buffer)
+    assert restore_paged_state(optimizer) == 2
+    state = optimizer.state[param]
+    assert state["state1"] is handed_out[0] and state["state2"] is handed_out[1]
+    assert state["state1"].dtype == torch.uint8
+    assert state["absmax1"] is absmax and state["step"] == 7  # bitsandbytes never pages these
+    assert restore_paged_state(optimizer) == 0  # already paged
+    plain = build_optimizer([{"params": [param], "weight_decay": 0.0, "name": "decay"}], "adamw8bit", lr=1e-3)
+    assert restore_paged_state(plain) == 0 and restore_paged_state(torch.optim.SGD([param], lr=1.0)) == 0
