@@ -71,6 +71,25 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"tensors must share one device, got {devices}")
 
 
+def launch_device(args, kwargs) -> torch.device | None:
+    """The CUDA device of the first CUDA tensor among a launch's arguments, or None when there is none.
+
+    Triton compiles for and launches on the *current* CUDA device, not on the device of the tensors it is handed:
+    a model on ``cuda:1`` (``tools/generate.py --device cuda:1``, lm-eval with ``device=cuda:1``) would otherwise
+    run on GPU 0 with GPU 1 pointers.
+    """
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+            return value.device
+    return None
+
+
+def on_launch_device(args, kwargs) -> contextlib.AbstractContextManager:
+    """A context that makes the tensors' CUDA device current for a launch (a no-op for CPU tensors)."""
+    device = launch_device(args, kwargs)
+    return torch.cuda.device(device) if device is not None else contextlib.nullcontext()
+
+
 def num_persistent_programs(device: torch.device, interpreter_programs: int = 4) -> int:
     """How many programs a persistent-style kernel (each looping over rows) should launch."""
     if device.type == "cuda" and not interpreter_active():
@@ -143,10 +162,12 @@ def _restoring_triton_language() -> Iterator[None]:
 class TritonKernel:
     """A Triton kernel compiled for GPUs or interpreted on CPU, chosen each time it is launched.
 
-    ``kernel[grid](*args, **kwargs)`` launches like a ``@triton.jit`` function. With ``autotune_configs`` the GPU
-    path is wrapped in ``triton.autotune(configs, key=autotune_key)`` (``autotune_prune``, if given, is its
-    ``early_config_prune``); in the interpreter (where autotune does not work) the meta-parameters of
-    ``interpreter_config`` are passed instead, so ``grid`` may be a callable of the meta-parameters in both modes.
+    ``kernel[grid](*args, **kwargs)`` launches like a ``@triton.jit`` function, on the device of its CUDA tensor
+    arguments (``on_launch_device``). With ``autotune_configs`` the GPU path is wrapped in
+    ``triton.autotune(configs, key=autotune_key)`` (``autotune_prune``, if given, is its ``early_config_prune``).
+    In the interpreter (where autotune does not work) the meta-parameters of ``interpreter_config`` are added to
+    every launch; a kernel without autotuning then gets its meta-parameters from the caller on a GPU
+    (``kernel.compile_only`` lets the caller check a choice first), from ``interpreter_config`` in the interpreter.
     """
 
     def __init__(
@@ -158,8 +179,8 @@ class TritonKernel:
         autotune_prune: Callable | None = None,
         interpreter_config: dict | None = None,
     ) -> None:
-        if (autotune_configs is None) != (interpreter_config is None):
-            raise ValueError(f"{fn.__name__}: autotune_configs and interpreter_config go together")
+        if autotune_configs is not None and interpreter_config is None:
+            raise ValueError(f"{fn.__name__}: autotune_configs need an interpreter_config (autotune fails there)")
         self.fn = fn
         self.autotune_configs = list(autotune_configs) if autotune_configs is not None else None
         self.autotune_key = list(autotune_key)
@@ -194,12 +215,25 @@ class TritonKernel:
 
         def launch(*args, **kwargs):
             if not interpret:
-                with triton_language_mode(False):
+                with on_launch_device(args, kwargs), triton_language_mode(False):
                     return kernel[grid](*args, **kwargs)
             with _restoring_triton_language(), triton_language_mode(True):
                 return kernel[grid](*args, **fixed, **kwargs)
 
         return launch
+
+    def compile_only(self, grid, *args, **kwargs):
+        """Compile (GPU only, nothing runs) for the tensors' device and return Triton's compiled kernel.
+
+        Its ``metadata.shared`` is the shared memory per block a launch with these arguments would need; the
+        result is cached by Triton, so the launch that follows does not compile again.
+        """
+        if interpreter_active():
+            raise RuntimeError(f"{self.__name__}: compile_only needs the GPU path (TRITON_INTERPRET is set)")
+        if self.autotune_configs is not None:
+            raise RuntimeError(f"{self.__name__}: compile_only needs explicit meta-parameters, not autotuning")
+        with on_launch_device(args, kwargs), triton_language_mode(False):
+            return self._compiled_kernel().warmup(*args, grid=grid, **kwargs)
 
 
 def triton_kernel(
