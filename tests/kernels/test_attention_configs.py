@@ -57,8 +57,8 @@ def test_selection_refuses_when_nothing_fits():
 
 def test_selection_is_independent_of_call_history():
     # Nothing is timed: the same facts give the same choice every time, in any order of asking.
-    shared = {c: 50000 + 1000 * i for i, c in enumerate(CANDIDATES["fwd"]["fp32"])}
-    answers = {select_config("fwd", torch.float32, 64, 2048, 52000, fake_compiler(shared)[0]) for _ in range(3)}
+    shared = {c: 60000 - 1000 * i for i, c in enumerate(CANDIDATES["fwd"]["fp32"])}
+    answers = {select_config("fwd", torch.float32, 64, 2048, 59500, fake_compiler(shared)[0]) for _ in range(3)}
     assert answers == {CANDIDATES["fwd"]["fp32"][1]}
 
 
@@ -116,21 +116,6 @@ def test_int64_offsets_only_where_rows_pass_int32():
     long_fused = strided_qkv(90_000, 64, 128)  # d_model 8192: 24576 elements per row
     assert long_fused.stride(2) * 90_000 > 2**31
     assert needs_int64_offsets(long_fused)
-
-
-def test_head_chunked_launches_match_reference(device, monkeypatch):
-    # 5 (batch, head) pairs in launches of at most 2: bh_start must offset every tensor and the statistics.
-    from test_alibi_attention import check_against_reference, make_inputs
-
-    monkeypatch.setattr(attention_module, "head_chunks", lambda n: head_chunks(n, limit=2))
-    check_against_reference(*make_inputs(5, 1, 20, 20, 16, torch.float32, device))
-
-
-def test_int64_offset_path_matches_reference(device, monkeypatch):
-    from test_alibi_attention import check_against_reference, make_inputs
-
-    monkeypatch.setattr(attention_module, "needs_int64_offsets", lambda *tensors: True)
-    check_against_reference(*make_inputs(1, 2, 19, 40, 16, torch.float32, device))
 
 
 # ---- compile checks ---------------------------------------------------------------------------------------------
