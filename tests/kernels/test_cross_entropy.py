@@ -171,7 +171,8 @@ def test_rejects_unknown_reduction(device):
         fused_cross_entropy(logits, targets, reduction="avg")
 
 
-@pytest.mark.parametrize("arch", [80, 86, 89, 90])
+@pytest.mark.parametrize("arch", [86, 90, pytest.param(80, marks=pytest.mark.slow),
+                                  pytest.param(89, marks=pytest.mark.slow)])
 def test_gpu_path_compiles_and_fits(arch, compile_for_gpu):
     # The smallest per-block shared memory of these architectures (sm_86 / sm_89): 101,376 bytes.
     pointers = {"logits_ptr": "*bf16", "dlogits_ptr": "*bf16", "targets_ptr": "*i64", "loss_ptr": "*fp32",
