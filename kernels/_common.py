@@ -6,15 +6,16 @@ For our kernels that is when a kernel module is imported; for triton.language's 
 torch or another test may do before ``TRITON_INTERPRET`` is set. An interpreted kernel calling a compiled
 ``tl.sum`` fails ("Cannot call @triton.jit'd outside of the scope of a kernel"), and the compiler cannot use an
 interpreted one. So ``TritonKernel`` keeps the plain Python function, builds the interpreted or the compiled (and
-autotuned) kernel on first use in each mode, reads ``TRITON_INTERPRET`` through ``triton.knobs`` at every launch,
+kernel on first use in each mode, reads ``TRITON_INTERPRET`` through ``triton.knobs`` at every launch,
 and, only when triton.language was decorated for the other mode, swaps its ``@jit`` functions for the launch
 (``triton_language_mode``). After each interpreted launch it also puts back whatever the interpreter left
 patched in triton.language (triton 3.6 never undoes the patches made for nested calls such as ``tl.max``, and
 the compiler would then fail on a later GPU compile in the same process).
 
-Interpreter limits this module accounts for (see /work/shared/PITFALLS.md): ``@triton.autotune`` fails there, so
-each kernel names a fixed interpreter config; bf16 arithmetic is wrong there, so kernels take an ``UPCAST``-style
-constexpr from ``upcast_after_load``.
+Interpreter limits this module accounts for (see /work/shared/PITFALLS.md): ``@triton.autotune`` fails there (and
+timing-based tuning would break exact resume on a GPU anyway: kernels/attention_configs.py), so a kernel with
+block-size meta-parameters names a fixed interpreter config; bf16 arithmetic is wrong there, so kernels take an
+``UPCAST``-style constexpr from ``upcast_after_load``.
 
 Kernels written with ``TritonKernel`` must not call other ``@triton.jit`` helpers: the interpreted kernel would
 find the compiled helper in the module globals (and the reverse), so helpers are written inline.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 import triton
@@ -163,28 +164,12 @@ class TritonKernel:
     """A Triton kernel compiled for GPUs or interpreted on CPU, chosen each time it is launched.
 
     ``kernel[grid](*args, **kwargs)`` launches like a ``@triton.jit`` function, on the device of its CUDA tensor
-    arguments (``on_launch_device``). With ``autotune_configs`` the GPU path is wrapped in
-    ``triton.autotune(configs, key=autotune_key)`` (``autotune_prune``, if given, is its ``early_config_prune``).
-    In the interpreter (where autotune does not work) the meta-parameters of ``interpreter_config`` are added to
-    every launch; a kernel without autotuning then gets its meta-parameters from the caller on a GPU
-    (``kernel.compile_only`` lets the caller check a choice first), from ``interpreter_config`` in the interpreter.
+    arguments (``on_launch_device``). In the interpreter the meta-parameters of ``interpreter_config`` are added
+    to every launch; on a GPU the caller passes them (``kernel.compile_only`` lets it check a choice first).
     """
 
-    def __init__(
-        self,
-        fn: Callable,
-        *,
-        autotune_configs: Sequence[triton.Config] | None = None,
-        autotune_key: Sequence[str] = (),
-        autotune_prune: Callable | None = None,
-        interpreter_config: dict | None = None,
-    ) -> None:
-        if autotune_configs is not None and interpreter_config is None:
-            raise ValueError(f"{fn.__name__}: autotune_configs need an interpreter_config (autotune fails there)")
+    def __init__(self, fn: Callable, *, interpreter_config: dict | None = None) -> None:
         self.fn = fn
-        self.autotune_configs = list(autotune_configs) if autotune_configs is not None else None
-        self.autotune_key = list(autotune_key)
-        self.autotune_prune = autotune_prune
         self.interpreter_config = dict(interpreter_config or {})
         self._compiled = None
         self._interpreted = None
@@ -195,12 +180,7 @@ class TritonKernel:
 
     def _compiled_kernel(self):
         if self._compiled is None:
-            jitted = triton.runtime.jit.JITFunction(self.fn)
-            if self.autotune_configs is not None:
-                prune = {"early_config_prune": self.autotune_prune} if self.autotune_prune else None
-                jitted = triton.autotune(configs=self.autotune_configs, key=self.autotune_key,
-                                         prune_configs_by=prune)(jitted)
-            self._compiled = jitted
+            self._compiled = triton.runtime.jit.JITFunction(self.fn)
         return self._compiled
 
     def _interpreted_kernel(self):
@@ -230,29 +210,14 @@ class TritonKernel:
         """
         if interpreter_active():
             raise RuntimeError(f"{self.__name__}: compile_only needs the GPU path (TRITON_INTERPRET is set)")
-        if self.autotune_configs is not None:
-            raise RuntimeError(f"{self.__name__}: compile_only needs explicit meta-parameters, not autotuning")
         with on_launch_device(args, kwargs), triton_language_mode(False):
             return self._compiled_kernel().warmup(*args, grid=grid, **kwargs)
 
 
-def triton_kernel(
-    fn: Callable | None = None,
-    *,
-    autotune_configs: Sequence[triton.Config] | None = None,
-    autotune_key: Sequence[str] = (),
-    autotune_prune: Callable | None = None,
-    interpreter_config: dict | None = None,
-):
-    """Decorator form of ``TritonKernel``: use instead of ``@triton.jit`` (and ``@triton.autotune``)."""
+def triton_kernel(fn: Callable | None = None, *, interpreter_config: dict | None = None):
+    """Decorator form of ``TritonKernel``: use instead of ``@triton.jit``."""
 
     def wrap(f: Callable) -> TritonKernel:
-        return TritonKernel(
-            f,
-            autotune_configs=autotune_configs,
-            autotune_key=autotune_key,
-            autotune_prune=autotune_prune,
-            interpreter_config=interpreter_config,
-        )
+        return TritonKernel(f, interpreter_config=interpreter_config)
 
     return wrap(fn) if fn is not None else wrap

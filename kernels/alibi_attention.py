@@ -33,9 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_same_device, interpreter_active, triton_kernel, upcast_after_load
-from .attention_configs import (CompiledFacts, ConfigCache, head_chunks, length_bucket, needs_int64_offsets,
-                                select_config)
+from ._common import check_device, check_same_device, triton_kernel, upcast_after_load
+from .attention_configs import gpu_launch_meta, head_chunks, needs_int64_offsets
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -43,7 +42,6 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Interpreter: small, unequal blocks so that short test sequences still cross several blocks. On a GPU the
 # blocks come from attention_configs.select_config (a rule, not timing: resumed runs repeat).
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16}
-_CHOSEN = ConfigCache()
 
 
 @triton_kernel(interpreter_config=_INTERPRETER_BLOCKS)
@@ -291,54 +289,6 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
     }
 
 
-def _alignment(args) -> tuple[bool, ...]:
-    """Which pointer and integer arguments are multiples of 16: what Triton specialises a compile on."""
-    values = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args
-              if isinstance(a, torch.Tensor) or (isinstance(a, int) and not isinstance(a, bool))]
-    return tuple(value % 16 == 0 for value in values)
-
-
-def _gpu_shared_memory_limit(device: torch.device) -> int:
-    """Shared memory per block that Triton's launcher allows on ``device`` (what OutOfResources checks)."""
-    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
-
-
-def _compile_facts(kernel, args, launch_args: dict, config, shared_limit: int) -> CompiledFacts:
-    """Compile ``kernel`` for the tensors' GPU with ``config`` (nothing runs) and read what the compile tells."""
-    compiled = kernel.compile_only((1,), *args, **launch_args, **config.meta())
-    spills = None
-    if compiled.metadata.shared <= shared_limit:
-        # Triton learns the register spills only when it loads the binary (a private step, done at first launch
-        # anyway); older or newer versions without it just leave spills unknown.
-        with torch.cuda.device(args[0].device):
-            try:
-                compiled._init_handles()
-                spills = getattr(compiled, "n_spills", None)
-            except AttributeError:
-                pass
-    return CompiledFacts(compiled.metadata.shared, spills)
-
-
-def _block_meta(kernel, name: str, args, launch_args: dict, rows: int) -> dict:
-    """Meta-parameters for a GPU launch, chosen once per launch key by rule (``attention_configs``).
-
-    Empty in the interpreter, where the kernel's ``interpreter_config`` applies.
-    """
-    if interpreter_active():
-        return {}
-    q = args[0]
-    device = q.device
-    key = (name, torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device), q.dtype,
-           launch_args["HEAD_DIM"], launch_args["INT64_OFFSETS"], length_bucket(rows), _alignment(args))
-
-    def choose():
-        limit = _gpu_shared_memory_limit(device)
-        return select_config(name, q.dtype, launch_args["HEAD_DIM"], rows, limit,
-                             lambda config: _compile_facts(kernel, args, launch_args, config, limit))
-
-    return _CHOSEN.get(key, choose).meta()
-
-
 def _launch_per_head_chunk(kernel, name: str, grid_rows: int, args_before, args_after, launch_args: dict,
                            batch_heads: int) -> None:
     """Launch ``kernel`` over ``grid_rows`` rows (in blocks of its row block) for every (batch, head) pair.
@@ -346,7 +296,7 @@ def _launch_per_head_chunk(kernel, name: str, grid_rows: int, args_before, args_
     ``args_before`` and ``args_after`` surround the ``bh_start`` argument; the pairs are split into launches of
     at most 65,535 (CUDA's grid-y limit).
     """
-    meta = _block_meta(kernel, name, (*args_before, 0, *args_after), launch_args, grid_rows)
+    meta = gpu_launch_meta(kernel, name, (*args_before, 0, *args_after), launch_args, grid_rows)
     row_block = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
 
     def grid_for(count):
@@ -408,11 +358,6 @@ class _AlibiFlashAttention(torch.autograd.Function):
             common, launch_args, batch * heads,
         )
         return dq, dk, dv, None, None
-
-
-def chosen_configs() -> dict:
-    """The GPU launch configs chosen so far in this process, by launch key (for logs; empty on CPU)."""
-    return _CHOSEN.chosen()
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor) -> None:

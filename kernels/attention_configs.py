@@ -29,6 +29,8 @@ from typing import Callable, NamedTuple
 import torch
 import triton
 
+from ._common import interpreter_active
+
 KERNELS = ("fwd", "dkdv", "dq")
 
 # Opt-in shared memory per block by compute capability (CUDA programming guide, "Technical Specifications"):
@@ -155,6 +157,65 @@ class ConfigCache:
 
     def clear(self) -> None:
         self._by_key.clear()
+
+
+# ---- the choice on a GPU ---------------------------------------------------------------------------------------
+_CHOSEN = ConfigCache()
+
+
+def chosen_configs() -> dict:
+    """The GPU launch configs chosen so far in this process, by launch key (for logs; empty on CPU)."""
+    return _CHOSEN.chosen()
+
+
+def _alignment(args) -> tuple[bool, ...]:
+    """Which pointer and integer arguments are multiples of 16: what Triton specialises a compile on."""
+    values = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args
+              if isinstance(a, torch.Tensor) or (isinstance(a, int) and not isinstance(a, bool))]
+    return tuple(value % 16 == 0 for value in values)
+
+
+def _gpu_shared_memory_limit(device: torch.device) -> int:
+    """Shared memory per block that Triton's launcher allows on ``device`` (what OutOfResources checks)."""
+    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+
+
+def _compile_facts(kernel, args, launch_args: dict, config, shared_limit: int) -> CompiledFacts:
+    """Compile ``kernel`` for the tensors' GPU with ``config`` (nothing runs) and read what the compile tells."""
+    compiled = kernel.compile_only((1,), *args, **launch_args, **config.meta())
+    spills = None
+    if compiled.metadata.shared <= shared_limit:
+        # Triton learns the register spills only when it loads the binary (a private step, done at first launch
+        # anyway); older or newer versions without it just leave spills unknown.
+        with torch.cuda.device(args[0].device):
+            try:
+                compiled._init_handles()
+                spills = getattr(compiled, "n_spills", None)
+            except AttributeError:
+                pass
+    return CompiledFacts(compiled.metadata.shared, spills)
+
+
+def gpu_launch_meta(kernel, name: str, args, launch_args: dict, rows: int) -> dict:
+    """Meta-parameters for a GPU launch, chosen once per launch key by rule (``attention_configs``).
+
+    ``args`` are the kernel's positional arguments (q first), ``launch_args`` its constexprs (``HEAD_DIM``,
+    ``INT64_OFFSETS``, ...), ``rows`` the length the grid's row blocks cover. Empty in the interpreter, where the
+    kernel's ``interpreter_config`` applies.
+    """
+    if interpreter_active():
+        return {}
+    q = args[0]
+    device = q.device
+    key = (name, torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device), q.dtype,
+           launch_args["HEAD_DIM"], launch_args["INT64_OFFSETS"], length_bucket(rows), _alignment(args))
+
+    def choose():
+        limit = _gpu_shared_memory_limit(device)
+        return select_config(name, q.dtype, launch_args["HEAD_DIM"], rows, limit,
+                             lambda config: _compile_facts(kernel, args, launch_args, config, limit))
+
+    return _CHOSEN.get(key, choose).meta()
 
 
 # ---- launch geometry -------------------------------------------------------------------------------------------

@@ -71,28 +71,28 @@ def test_short_inputs_use_row_blocks_that_fit_them():
 
 def test_gpu_launch_key_chooses_once_per_shape_and_gpu_model(monkeypatch):
     # The GPU branch of the launcher, run here with the GPU queries replaced: one choice per launch key, reused.
-    monkeypatch.setattr(attention_module, "interpreter_active", lambda: False)
-    monkeypatch.setattr(attention_module, "_CHOSEN", configs.ConfigCache())
+    monkeypatch.setattr(configs, "interpreter_active", lambda: False)
+    monkeypatch.setattr(configs, "_CHOSEN", configs.ConfigCache())
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
-    monkeypatch.setattr(attention_module, "_gpu_shared_memory_limit", lambda device: 101376)
+    monkeypatch.setattr(configs, "_gpu_shared_memory_limit", lambda device: 101376)
     compiled = []
 
     def facts(kernel, args, launch_args, config, limit):
         compiled.append(config)
         return CompiledFacts(200000 if config.block_m == 128 else 90000, 0)
 
-    monkeypatch.setattr(attention_module, "_compile_facts", facts)
+    monkeypatch.setattr(configs, "_compile_facts", facts)
     q = torch.zeros(2, 4, 300, 64, dtype=torch.bfloat16)
     launch_args = attention_module._launch_args(q, q, q)
     args = (q, q, q, 0, 7)
-    first = attention_module._block_meta(None, "fwd", args, launch_args, rows=300)
+    first = configs.gpu_launch_meta(None, "fwd", args, launch_args, rows=300)
     assert first["BLOCK_M"] != 128 and len(compiled) == 3  # two 128-row configs skipped
-    assert attention_module._block_meta(None, "fwd", args, launch_args, rows=400) == first  # same bucket
+    assert configs.gpu_launch_meta(None, "fwd", args, launch_args, rows=400) == first  # same length bucket
     assert len(compiled) == 3
-    attention_module._block_meta(None, "fwd", args, launch_args, rows=3000)  # another length bucket
+    configs.gpu_launch_meta(None, "fwd", args, launch_args, rows=3000)  # another length bucket
     assert len(compiled) > 3
-    assert len(attention_module.chosen_configs()) == 2
+    assert len(configs.chosen_configs()) == 2
 
 
 # ---- launch geometry ---------------------------------------------------------------------------------------------

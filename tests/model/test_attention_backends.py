@@ -218,7 +218,7 @@ def _flash_attn_installed() -> bool:
 def test_flash_backend_without_flash_attn_fails_clearly():
     with pytest.raises(ValueError, match="needs the optional flash-attn package"):
         GPT(_tiny_config(attention_backend="flash"))
-    q, k, v = random_qkv(1, 2, 8, 8, 16)
+    q, k, v = (t.half() for t in random_qkv(1, 2, 8, 8, 16))  # fp32 would fall back before (flash takes 16-bit)
     with pytest.raises(ValueError, match="needs the optional flash-attn package"):
         causal_attention(q, k, v, None, backend="flash")
 
