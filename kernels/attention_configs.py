@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import triton
+from triton.runtime.autotuner import OutOfResources
 
 from ._common import interpreter_active
 
@@ -193,6 +194,8 @@ def _compile_facts(kernel, args, launch_args: dict, config, shared_limit: int) -
                 spills = getattr(compiled, "n_spills", None)
             except AttributeError:
                 pass
+            except OutOfResources:  # e.g. more threads than the binary's register use allows: cannot launch
+                return CompiledFacts(shared_limit + 1, spills)
     return CompiledFacts(compiled.metadata.shared, spills)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 # Widest row (bytes) the fused LayerNorm holds in registers; kernels/layernorm.py refuses wider ones.
 _FUSED_LAYER_NORM_MAX_ROW_BYTES = 65536
+_FUSED_LAYER_NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def fused_kernels_run_on(device: torch.device) -> bool:
@@ -46,6 +47,7 @@ class LayerNorm(nn.LayerNorm):
 
     def _runs_fused(self, x: torch.Tensor) -> bool:
         return (self.fused and fused_kernels_run_on(x.device) and not torch.compiler.is_compiling()
+                and x.dtype in _FUSED_LAYER_NORM_DTYPES  # fp64 (checks, debugging) keeps its precision
                 and x.shape[-1] * x.element_size() <= _FUSED_LAYER_NORM_MAX_ROW_BYTES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
