@@ -134,7 +134,7 @@ def test_rejects_bad_inputs(change, message, device):
         fused_cross_entropy(*change(logits, targets))
 
 
-@pytest.mark.skipif(ON_GPU, reason="on CUDA the range check is a device-side assert (no host sync), fatal to the process")
+@pytest.mark.skipif(ON_GPU, reason="on CUDA the range check is a device-side assert (no host sync), fatal there")
 def test_rejects_targets_outside_the_vocabulary(device):
     logits, targets = make_inputs((5,), 50, torch.float32, device)
     with pytest.raises(ValueError, match=r"targets must lie in \[0, 50\) or equal ignore_index=-100; found 60"):

@@ -111,8 +111,7 @@ def test_rejects_bad_inputs(kwargs, message, device):
         fused_layer_norm(**args)
 
 
-@pytest.mark.parametrize("arch", [86, pytest.param(80, marks=pytest.mark.slow), pytest.param(89, marks=pytest.mark.slow),
-                                  pytest.param(90, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", [86] + [pytest.param(arch, marks=pytest.mark.slow) for arch in (80, 89, 90)])
 def test_gpu_path_compiles_and_fits(arch, compile_for_gpu):
     # gpt1b's hidden size 2048 and the widest bf16 row the kernel takes (32768); sm_86 / sm_89 have the
     # smallest shared memory per block of these architectures, 101,376 bytes.
