@@ -6,15 +6,16 @@ For our kernels that is when a kernel module is imported; for triton.language's 
 torch or another test may do before ``TRITON_INTERPRET`` is set. An interpreted kernel calling a compiled
 ``tl.sum`` fails ("Cannot call @triton.jit'd outside of the scope of a kernel"), and the compiler cannot use an
 interpreted one. So ``TritonKernel`` keeps the plain Python function, builds the interpreted or the compiled (and
-autotuned) kernel on first use in each mode, reads ``TRITON_INTERPRET`` through ``triton.knobs`` at every launch,
+kernel on first use in each mode, reads ``TRITON_INTERPRET`` through ``triton.knobs`` at every launch,
 and, only when triton.language was decorated for the other mode, swaps its ``@jit`` functions for the launch
 (``triton_language_mode``). After each interpreted launch it also puts back whatever the interpreter left
 patched in triton.language (triton 3.6 never undoes the patches made for nested calls such as ``tl.max``, and
 the compiler would then fail on a later GPU compile in the same process).
 
-Interpreter limits this module accounts for (see /work/shared/PITFALLS.md): ``@triton.autotune`` fails there, so
-each kernel names a fixed interpreter config; bf16 arithmetic is wrong there, so kernels take an ``UPCAST``-style
-constexpr from ``upcast_after_load``.
+Interpreter limits this module accounts for (see /work/shared/PITFALLS.md): ``@triton.autotune`` fails there (and
+timing-based tuning would break exact resume on a GPU anyway: kernels/attention_configs.py), so a kernel with
+block-size meta-parameters names a fixed interpreter config; bf16 arithmetic is wrong there, so kernels take an
+``UPCAST``-style constexpr from ``upcast_after_load``.
 
 Kernels written with ``TritonKernel`` must not call other ``@triton.jit`` helpers: the interpreted kernel would
 find the compiled helper in the module globals (and the reverse), so helpers are written inline.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 import triton
@@ -69,6 +70,25 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         raise ValueError(f"tensors must share one device, got {devices}")
+
+
+def launch_device(args, kwargs) -> torch.device | None:
+    """The CUDA device of the first CUDA tensor among a launch's arguments, or None when there is none.
+
+    Triton compiles for and launches on the *current* CUDA device, not on the device of the tensors it is handed:
+    a model on ``cuda:1`` (``tools/generate.py --device cuda:1``, lm-eval with ``device=cuda:1``) would otherwise
+    run on GPU 0 with GPU 1 pointers.
+    """
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+            return value.device
+    return None
+
+
+def on_launch_device(args, kwargs) -> contextlib.AbstractContextManager:
+    """A context that makes the tensors' CUDA device current for a launch (a no-op for CPU tensors)."""
+    device = launch_device(args, kwargs)
+    return torch.cuda.device(device) if device is not None else contextlib.nullcontext()
 
 
 def num_persistent_programs(device: torch.device, interpreter_programs: int = 4) -> int:
@@ -143,27 +163,13 @@ def _restoring_triton_language() -> Iterator[None]:
 class TritonKernel:
     """A Triton kernel compiled for GPUs or interpreted on CPU, chosen each time it is launched.
 
-    ``kernel[grid](*args, **kwargs)`` launches like a ``@triton.jit`` function. With ``autotune_configs`` the GPU
-    path is wrapped in ``triton.autotune(configs, key=autotune_key)`` (``autotune_prune``, if given, is its
-    ``early_config_prune``); in the interpreter (where autotune does not work) the meta-parameters of
-    ``interpreter_config`` are passed instead, so ``grid`` may be a callable of the meta-parameters in both modes.
+    ``kernel[grid](*args, **kwargs)`` launches like a ``@triton.jit`` function, on the device of its CUDA tensor
+    arguments (``on_launch_device``). In the interpreter the meta-parameters of ``interpreter_config`` are added
+    to every launch; on a GPU the caller passes them (``kernel.compile_only`` lets it check a choice first).
     """
 
-    def __init__(
-        self,
-        fn: Callable,
-        *,
-        autotune_configs: Sequence[triton.Config] | None = None,
-        autotune_key: Sequence[str] = (),
-        autotune_prune: Callable | None = None,
-        interpreter_config: dict | None = None,
-    ) -> None:
-        if (autotune_configs is None) != (interpreter_config is None):
-            raise ValueError(f"{fn.__name__}: autotune_configs and interpreter_config go together")
+    def __init__(self, fn: Callable, *, interpreter_config: dict | None = None) -> None:
         self.fn = fn
-        self.autotune_configs = list(autotune_configs) if autotune_configs is not None else None
-        self.autotune_key = list(autotune_key)
-        self.autotune_prune = autotune_prune
         self.interpreter_config = dict(interpreter_config or {})
         self._compiled = None
         self._interpreted = None
@@ -174,12 +180,7 @@ class TritonKernel:
 
     def _compiled_kernel(self):
         if self._compiled is None:
-            jitted = triton.runtime.jit.JITFunction(self.fn)
-            if self.autotune_configs is not None:
-                prune = {"early_config_prune": self.autotune_prune} if self.autotune_prune else None
-                jitted = triton.autotune(configs=self.autotune_configs, key=self.autotune_key,
-                                         prune_configs_by=prune)(jitted)
-            self._compiled = jitted
+            self._compiled = triton.runtime.jit.JITFunction(self.fn)
         return self._compiled
 
     def _interpreted_kernel(self):
@@ -194,31 +195,29 @@ class TritonKernel:
 
         def launch(*args, **kwargs):
             if not interpret:
-                with triton_language_mode(False):
+                with on_launch_device(args, kwargs), triton_language_mode(False):
                     return kernel[grid](*args, **kwargs)
             with _restoring_triton_language(), triton_language_mode(True):
                 return kernel[grid](*args, **fixed, **kwargs)
 
         return launch
 
+    def compile_only(self, grid, *args, **kwargs):
+        """Compile (GPU only, nothing runs) for the tensors' device and return Triton's compiled kernel.
 
-def triton_kernel(
-    fn: Callable | None = None,
-    *,
-    autotune_configs: Sequence[triton.Config] | None = None,
-    autotune_key: Sequence[str] = (),
-    autotune_prune: Callable | None = None,
-    interpreter_config: dict | None = None,
-):
-    """Decorator form of ``TritonKernel``: use instead of ``@triton.jit`` (and ``@triton.autotune``)."""
+        Its ``metadata.shared`` is the shared memory per block a launch with these arguments would need; the
+        result is cached by Triton, so the launch that follows does not compile again.
+        """
+        if interpreter_active():
+            raise RuntimeError(f"{self.__name__}: compile_only needs the GPU path (TRITON_INTERPRET is set)")
+        with on_launch_device(args, kwargs), triton_language_mode(False):
+            return self._compiled_kernel().warmup(*args, grid=grid, **kwargs)
+
+
+def triton_kernel(fn: Callable | None = None, *, interpreter_config: dict | None = None):
+    """Decorator form of ``TritonKernel``: use instead of ``@triton.jit``."""
 
     def wrap(f: Callable) -> TritonKernel:
-        return TritonKernel(
-            f,
-            autotune_configs=autotune_configs,
-            autotune_key=autotune_key,
-            autotune_prune=autotune_prune,
-            interpreter_config=interpreter_config,
-        )
+        return TritonKernel(f, interpreter_config=interpreter_config)
 
     return wrap(fn) if fn is not None else wrap

@@ -17,6 +17,11 @@ FlashAttention-2 (Dao, 2023, https://arxiv.org/abs/2307.08691), as in Triton's f
 - backward: ``delta = rowsum(dO * O)``; one kernel per key block walks the query blocks below it for dK and dV,
   another per query block walks the key blocks for dQ, recomputing P from the log-sum-exp. No atomics.
 
+Block sizes on a GPU come from ``attention_configs.select_config``: a fixed rule checked against the compiled
+kernel's shared memory, never timing, so the same shape on the same GPU model always runs the same blocks (and a
+resumed run repeats the uninterrupted one). Launches cover at most 65,535 (batch, head) pairs each (CUDA's grid-y
+limit), and per-row offsets switch to int64 when they could pass 2**31.
+
 The ALiBi bias is rebuilt from block indices in the kernels; no bias tensor exists. Dots run on the input dtype
 (fp16/bf16 tensor cores; fp32 with ``input_precision="ieee"``) with fp32 accumulation; softmax statistics are fp32.
 """
@@ -29,59 +34,35 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, check_same_device, triton_kernel, upcast_after_load
+from .attention_configs import gpu_launch_meta, head_chunks, needs_int64_offsets
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Power-of-two buckets of the lengths, not the lengths: KV-cache decoding grows seq_k by one per token and must
-# not re-tune at every step. The bucket arguments exist only to key the autotuner.
-_AUTOTUNE_KEY = ["seq_q_bucket", "seq_k_bucket", "HEAD_DIM"]
-
-
-def _configs(pairs):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
-
-
-# Starting points for the GPU tuning issue. BLOCK_M counts query rows and BLOCK_N key rows in every kernel.
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4)])
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4), (64, 128, 8, 2)])
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 2)])
-# fp32 inputs: one config each that fits an H100 at head_dim 128 (see _fp32_config).
-_FWD_FP32, _DKDV_FP32, _DQ_FP32 = _configs([(64, 32, 4, 4), (32, 64, 4, 2), (64, 32, 4, 2)])
-
-
-def _fp32_config(config: triton.Config):
-    """Autotune pruner: fp32 inputs get the single ``config``, other dtypes the whole list."""
-
-    def prune(configs, named_args, **kwargs):
-        # "ieee" fp32 dots need about twice the shared memory of fp16 ones and take tens of seconds to compile
-        # each; fp32 attention is a test/debug path, so one config that fits an H100 (227 KiB) is enough.
-        return [config] if kwargs["DOT_PRECISION"] == "ieee" else configs
-
-    return prune
-
-
-# Interpreter: small, unequal blocks so that short test sequences still cross several blocks.
+# Interpreter: small, unequal blocks so that short test sequences still cross several blocks. On a GPU the
+# blocks come from attention_configs.select_config (a rule, not timing: resumed runs repeat).
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16}
 
 
-@triton_kernel(autotune_configs=_FWD_CONFIGS, autotune_key=_AUTOTUNE_KEY,
-               autotune_prune=_fp32_config(_FWD_FP32), interpreter_config=_INTERPRETER_BLOCKS)
+@triton_kernel(interpreter_config=_INTERPRETER_BLOCKS)
 def _alibi_attn_fwd(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, slopes_log2_ptr,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
-    num_heads, seq_q, seq_k, seq_q_bucket, seq_k_bucket, qk_scale_log2,
-    HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    bh_start, num_heads, seq_q, seq_k, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
+    bh = (bh_start + tl.program_id(1)).to(tl.int64)  # launches cover at most 65,535 (batch, head) pairs each
+    b = bh // num_heads
+    h = bh % num_heads
     slope_log2 = tl.load(slopes_log2_ptr + h)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
+    if INT64_OFFSETS:  # row * row_stride would wrap in int32 (attention_configs.needs_int64_offsets)
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     pos_q = offs_m + (seq_k - seq_q)  # absolute query positions
     k_base = k_ptr + b * stride_kb + h * stride_kh
@@ -136,13 +117,15 @@ def _alibi_attn_fwd(
 def _alibi_attn_bwd_preprocess(
     o_ptr, do_ptr, delta_ptr,
     stride_ob, stride_oh, stride_os, stride_dob, stride_doh, stride_dos,
-    num_heads, seq_q,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    bh_start, num_heads, seq_q,
+    HEAD_DIM: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
+    if INT64_OFFSETS:
+        offs_m = offs_m.to(tl.int64)
+    bh = (bh_start + tl.program_id(1)).to(tl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m[:, None] < seq_q
     o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
@@ -152,23 +135,24 @@ def _alibi_attn_bwd_preprocess(
     tl.store(delta_ptr + bh * seq_q + offs_m, tl.sum(o * do, axis=1), mask=offs_m < seq_q)
 
 
-@triton_kernel(autotune_configs=_DKDV_CONFIGS, autotune_key=_AUTOTUNE_KEY,
-               autotune_prune=_fp32_config(_DKDV_FP32), interpreter_config={"BLOCK_M": 16, "BLOCK_N": 32})
+@triton_kernel(interpreter_config={"BLOCK_M": 16, "BLOCK_N": 32})
 def _alibi_attn_bwd_dkdv(
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, slopes_log2_ptr,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-    num_heads, seq_q, seq_k, seq_q_bucket, seq_k_bucket, qk_scale_log2, softmax_scale,
-    HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    bh_start, num_heads, seq_q, seq_k, qk_scale_log2, softmax_scale,
+    HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
+    bh = (bh_start + tl.program_id(1)).to(tl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
     slope_log2 = tl.load(slopes_log2_ptr + h)
     offset = seq_k - seq_q
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    if INT64_OFFSETS:
+        offs_n = offs_n.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n[:, None] < seq_k
     k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
@@ -195,6 +179,8 @@ def _alibi_attn_bwd_dkdv(
         hi = seq_q if on_diagonal == 0 else unmasked_start
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
+            if INT64_OFFSETS:
+                offs_m = offs_m.to(tl.int64)
             row_ok = offs_m < seq_q
             q_t = tl.load(q_base + offs_m[None, :] * stride_qs + offs_d[:, None], mask=row_ok[None, :], other=0.0)
             do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -220,23 +206,25 @@ def _alibi_attn_bwd_dkdv(
              dv.to(dv_ptr.dtype.element_ty), mask=key_ok)
 
 
-@triton_kernel(autotune_configs=_DQ_CONFIGS, autotune_key=_AUTOTUNE_KEY,
-               autotune_prune=_fp32_config(_DQ_FP32), interpreter_config=_INTERPRETER_BLOCKS)
+@triton_kernel(interpreter_config=_INTERPRETER_BLOCKS)
 def _alibi_attn_bwd_dq(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, slopes_log2_ptr,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos, stride_dqb, stride_dqh, stride_dqs,
-    num_heads, seq_q, seq_k, seq_q_bucket, seq_k_bucket, qk_scale_log2, softmax_scale,
-    HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    bh_start, num_heads, seq_q, seq_k, qk_scale_log2, softmax_scale,
+    HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
+    bh = (bh_start + tl.program_id(1)).to(tl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
     slope_log2 = tl.load(slopes_log2_ptr + h)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
+    if INT64_OFFSETS:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     pos_q = offs_m + (seq_k - seq_q)
     row_ok = offs_m < seq_q
@@ -291,17 +279,31 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _buckets(seq_q: int, seq_k: int) -> tuple[int, int]:
-    return triton.next_power_of_2(seq_q), triton.next_power_of_2(seq_k)
-
-
-def _launch_args(t: torch.Tensor) -> dict:
+def _launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
     # tl.dot on fp32 would silently use TF32 on a GPU; "ieee" keeps fp32 attention exact to fp32 rounding.
     return {
-        "HEAD_DIM": t.shape[-1],
-        "UPCAST": upcast_after_load(t.dtype),
-        "DOT_PRECISION": "ieee" if t.dtype == torch.float32 else "tf32",
+        "HEAD_DIM": q.shape[-1],
+        "UPCAST": upcast_after_load(q.dtype),
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "INT64_OFFSETS": needs_int64_offsets(q, k, v),
     }
+
+
+def _launch_per_head_chunk(kernel, name: str, grid_rows: int, args_before, args_after, launch_args: dict,
+                           batch_heads: int) -> None:
+    """Launch ``kernel`` over ``grid_rows`` rows (in blocks of its row block) for every (batch, head) pair.
+
+    ``args_before`` and ``args_after`` surround the ``bh_start`` argument; the pairs are split into launches of
+    at most 65,535 (CUDA's grid-y limit).
+    """
+    meta = gpu_launch_meta(kernel, name, (*args_before, 0, *args_after), launch_args, grid_rows)
+    row_block = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
+
+    def grid_for(count):
+        return lambda m: (triton.cdiv(grid_rows, m[row_block]), count)
+
+    for first, count in head_chunks(batch_heads):
+        kernel[grid_for(count)](*args_before, first, *args_after, **launch_args, **meta)
 
 
 class _AlibiFlashAttention(torch.autograd.Function):
@@ -312,13 +314,10 @@ class _AlibiFlashAttention(torch.autograd.Function):
         o = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty((batch * heads, seq_q), dtype=torch.float32, device=q.device)
         slopes_log2 = slopes * LOG2E
-
-        def grid(meta):
-            return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
-
-        _alibi_attn_fwd[grid](
-            q, k, v, o, lse, slopes_log2, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            heads, seq_q, seq_k, *_buckets(seq_q, seq_k), softmax_scale * LOG2E, **_launch_args(q),
+        _launch_per_head_chunk(
+            _alibi_attn_fwd, "fwd", seq_q,
+            (q, k, v, o, lse, slopes_log2, *_strides(q), *_strides(k), *_strides(v), *_strides(o)),
+            (heads, seq_q, seq_k, softmax_scale * LOG2E), _launch_args(q, k, v), batch * heads,
         )
         ctx.save_for_backward(q, k, v, o, lse, slopes_log2)
         ctx.softmax_scale = softmax_scale
@@ -331,33 +330,32 @@ class _AlibiFlashAttention(torch.autograd.Function):
         seq_k = k.shape[2]
         if do.stride(3) != 1:
             do = do.contiguous()
+        launch_args = _launch_args(q, k, v)
+        wide = launch_args["INT64_OFFSETS"] or needs_int64_offsets(do)
+        launch_args["INT64_OFFSETS"] = wide
         delta = torch.empty_like(lse)
         preprocess_rows = 64
-        _alibi_attn_bwd_preprocess[(triton.cdiv(seq_q, preprocess_rows), batch * heads)](
-            o, do, delta, *_strides(o), *_strides(do), heads, seq_q, HEAD_DIM=head_dim, BLOCK_M=preprocess_rows,
-        )
+        for first, count in head_chunks(batch * heads):
+            _alibi_attn_bwd_preprocess[(triton.cdiv(seq_q, preprocess_rows), count)](
+                o, do, delta, *_strides(o), *_strides(do), first, heads, seq_q,
+                HEAD_DIM=head_dim, INT64_OFFSETS=wide, BLOCK_M=preprocess_rows,
+            )
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)
         scale = ctx.softmax_scale
-        common = (heads, seq_q, seq_k, *_buckets(seq_q, seq_k), scale * LOG2E, scale)
-
-        def dkdv_grid(meta):
-            return (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * heads)
-
-        _alibi_attn_bwd_dkdv[dkdv_grid](
-            q, k, v, do, dk, dv, lse, delta, slopes_log2,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-            *common, **_launch_args(q),
+        common = (heads, seq_q, seq_k, scale * LOG2E, scale)
+        _launch_per_head_chunk(
+            _alibi_attn_bwd_dkdv, "dkdv", seq_k,
+            (q, k, v, do, dk, dv, lse, delta, slopes_log2,
+             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv)),
+            common, launch_args, batch * heads,
         )
-
-        def dq_grid(meta):
-            return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
-
-        _alibi_attn_bwd_dq[dq_grid](
-            q, k, v, do, dq, lse, delta, slopes_log2,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            *common, **_launch_args(q),
+        _launch_per_head_chunk(
+            _alibi_attn_bwd_dq, "dq", seq_q,
+            (q, k, v, do, dq, lse, delta, slopes_log2,
+             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq)),
+            common, launch_args, batch * heads,
         )
         return dq, dk, dv, None, None
 

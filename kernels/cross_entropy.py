@@ -44,12 +44,17 @@ def _cross_entropy_fwd(
     for start in range(0, vocab, BLOCK_V):
         x = tl.load(row_ptr + start + cols, mask=start + cols < vocab, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        # While every logit so far is -inf (masked vocabulary entries), new_max is -inf and x - new_max would be
+        # -inf - -inf = nan; shifting by 0 instead gives exp(-inf) = 0, the right (empty) contribution.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
         running_max = new_max
     lse = running_max + tl.log(running_sum)
     target = tl.load(targets_ptr + row)
     keep = target != ignore_index
-    target_logit = tl.load(row_ptr + target, mask=keep, other=0.0).to(tl.float32)
+    # Out-of-range targets are never read from (the host side asserts on them without a sync): their loss is nan.
+    in_vocab = (target >= 0) & (target < vocab)
+    target_logit = tl.load(row_ptr + target, mask=keep & in_vocab, other=float("nan")).to(tl.float32)
     loss = tl.where(keep, lse - target_logit + z_loss * lse * lse, 0.0)
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
@@ -130,6 +135,21 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return dlogits, None, None, None, None, None
 
 
+def _check_targets_in_vocab(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Refuse targets outside ``[0, vocab)`` (other than ``ignore_index``).
+
+    On CUDA the check runs on the GPU (``torch._assert_async``, a device-side assert as ``F.cross_entropy``'s
+    own) so that the training step never waits for the host; on CPU it raises ValueError naming the first one.
+    """
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    message = f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
+    if targets.device.type == "cuda":
+        torch._assert_async(~bad.any(), message)
+        return
+    if bool(bad.any()):
+        raise ValueError(f"{message}; found {targets[bad].flatten()[0].item()}")
+
+
 def fused_cross_entropy(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -162,10 +182,7 @@ def fused_cross_entropy(
     if max_rows_per_launch is not None and max_rows_per_launch < 1:
         raise ValueError(f"max_rows_per_launch must be a positive row count or None, got {max_rows_per_launch}")
     vocab = logits.shape[-1]
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if bool(bad.any()):
-        first = targets[bad].flatten()[0].item()
-        raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}")
+    _check_targets_in_vocab(targets, vocab, ignore_index)
     logits_rows = logits.reshape(-1, vocab)
     if logits_rows.stride(-1) != 1:
         logits_rows = logits_rows.contiguous()

@@ -253,7 +253,8 @@ def build_engine(config: Config, launch: Launch, groups=None, init_weights: bool
     if opt.uses_bitsandbytes and any(g["name"] == "embedding" for g in param_groups):  # not on middle stages
         keep_embedding_state_32bit(engine.optimizer)
     if config.parallel.compile:
-        if resolve_backend(config.model.attention_backend, launch.device) == "triton":
+        if resolve_backend(config.model.attention_backend, launch.device,
+                           config.model.resolved_head_dim) == "triton":
             warnings.warn("parallel.compile with the triton attention backend: Dynamo cannot trace the kernel, so "
                           "every attention call is a graph break (with activation checkpointing the blocks then "
                           "run mostly eagerly); see docs/model.md", stacklevel=2)

@@ -34,7 +34,8 @@ class ModelConfig:
     bias: bool = True  # biases in linears and LayerNorms
     tied_embeddings: bool = True
     dropout: float = 0.0
-    attention_backend: str = "auto"  # one of ATTENTION_BACKENDS; auto = triton on CUDA, sdpa on CPU
+    attention_backend: str = "auto"  # one of ATTENTION_BACKENDS; auto = triton on CUDA where it applies, else sdpa
+    fused_kernels: bool = True  # fused Triton LayerNorm and cross-entropy on CUDA (megagpt/model/fused_ops.py)
     layernorm_eps: float = 1e-5
     make_vocab_size_divisible_by: int = 128
     init_std: float = 0.02
@@ -56,7 +57,7 @@ class ModelConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"{s}.attention_backend={self.attention_backend!r} is not one of {list(ATTENTION_BACKENDS)}")
-        for name in ("parallel_residual", "shared_layernorm", "bias", "tied_embeddings"):
+        for name in ("parallel_residual", "shared_layernorm", "bias", "tied_embeddings", "fused_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{s}.{name} must be true or false, got {getattr(self, name)!r}")
         if self.shared_layernorm and not self.parallel_residual:

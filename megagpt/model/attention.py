@@ -12,8 +12,14 @@ Backends:
   * ``flex``: PyTorch FlexAttention with an ALiBi ``score_mod`` (compiled on CUDA, eager on CPU,
     where it has no backward). Meant for training and prefill: every new (seq_q, seq_k) shape
     builds a block mask and, on CUDA, recompiles, so use ``triton`` or ``sdpa`` to decode.
-  * ``triton``: ``megagpt.kernels.alibi_flash_attention`` (default on CUDA).
-  * ``flash``: flash-attn's ``alibi_slopes`` (CUDA only, optional package).
+  * ``triton``: ``megagpt.kernels.alibi_flash_attention`` (default on CUDA for the head dims and dtypes it
+    supports: head_dim 16, 32, 64, 128; fp16, bf16, fp32).
+  * ``flash``: flash-attn's ``alibi_slopes`` (CUDA only, optional package, fp16/bf16 only).
+
+``auto`` never hands a kernel a shape it cannot run: on CUDA it is ``triton`` where the kernel supports the head
+dim and dtype, else ``sdpa`` (with a one-line notice). An explicit ``triton`` with an unsupported head dim is
+refused when the model is built; ``flash`` on fp32 tensors (the evaluation tools' default dtype) runs ``auto``'s
+choice instead, with a notice.
 """
 from __future__ import annotations
 
@@ -28,21 +34,59 @@ from megagpt.config import ATTENTION_BACKENDS
 from megagpt.model.alibi import alibi_bias
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """Turn ``"auto"`` into the default backend for ``device``; check the name otherwise."""
+# The Triton kernel's limits (kernels/alibi_attention.py checks them again at every call).
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_notices_given: set[str] = set()
+
+
+def _notice_once(message: str) -> None:
+    """Warn with ``message`` the first time only (attention runs per layer and step; one line is enough)."""
+    if message not in _notices_given:
+        _notices_given.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def resolve_backend(name: str, device: torch.device, head_dim: int | None = None,
+                    dtype: torch.dtype | None = None) -> str:
+    """The backend that runs: ``"auto"`` becomes ``device``'s default for this head dim and dtype (when given),
+    and ``flash`` on an fp32/fp64 input becomes ``auto``'s choice; a one-line notice says when that falls back."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend={name!r} is not one of {list(ATTENTION_BACKENDS)}")
-    if name == "auto":
-        return "triton" if device.type == "cuda" else "sdpa"
-    return name
+    if name == "flash" and dtype is not None and dtype not in FLASH_DTYPES:
+        chosen = resolve_backend("auto", device, head_dim, dtype)
+        _notice_once(f"attention_backend='flash' needs fp16/bf16 tensors, got {dtype}: using '{chosen}' instead")
+        return chosen
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return "sdpa"
+    problems = []
+    if head_dim is not None and head_dim not in TRITON_HEAD_DIMS:
+        problems.append(f"head_dim {head_dim} (it supports {TRITON_HEAD_DIMS})")
+    if dtype is not None and dtype not in TRITON_DTYPES:
+        problems.append(f"dtype {dtype}")
+    if problems:
+        _notice_once(f"attention_backend='auto': the triton kernel does not support {' and '.join(problems)}; "
+                     f"using 'sdpa'")
+        return "sdpa"
+    return "triton"
 
 
-def check_backend_installed(name: str) -> None:
-    """Raise ValueError now (at model build time) if ``name`` needs a package that is missing."""
+def check_backend_installed(name: str, head_dim: int | None = None) -> None:
+    """Raise ValueError now (at model build time) if ``name`` needs a package that is missing or cannot run
+    this ``head_dim`` at all."""
     if name == "flash":
         _import_flash_attn()
+        if head_dim is not None and (head_dim % 8 or head_dim > 256):
+            raise ValueError(f"attention_backend='flash' (flash-attn) needs a head_dim that is a multiple of 8 up "
+                             f"to 256, the model has {head_dim}; use 'auto', 'triton' or 'sdpa'")
     elif name == "triton":
         _import_triton_kernel()
+        if head_dim is not None and head_dim not in TRITON_HEAD_DIMS:
+            raise ValueError(f"attention_backend='triton' supports head_dim {TRITON_HEAD_DIMS}, the model has "
+                             f"{head_dim}; use attention_backend='auto' (sdpa for this head dim), 'sdpa' or 'flex'")
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor | None,
@@ -58,7 +102,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: 
         slopes = slopes.to(device=q.device, dtype=torch.float32)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device, head_dim, q.dtype)
     return _BACKENDS[backend](q, k, v, slopes, softmax_scale)
 
 

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from megagpt.config import ModelConfig
 from megagpt.model.alibi import alibi_slopes
 from megagpt.model.attention import causal_attention, check_backend_installed
+from megagpt.model.fused_ops import LayerNorm
 from megagpt.model.layers import LayerFactory
 
 
@@ -106,7 +107,7 @@ class SelfAttention(nn.Module):
         self.head_dim = config.resolved_head_dim
         self.backend = config.attention_backend
         if self.backend != "auto":
-            check_backend_installed(self.backend)
+            check_backend_installed(self.backend, self.head_dim)
         # The fused QKV output is laid out [heads, 3, head_dim] so that splitting it by output
         # features across tensor-parallel ranks gives every rank whole heads (Megatron's layout).
         self.qkv = layers.column_linear(config.d_model, 3 * config.attention_width, bias=config.bias,
@@ -182,10 +183,12 @@ class Block(nn.Module):
         super().__init__()
         self.parallel_residual = config.parallel_residual
         self.layer_factory = layers
-        self.ln_attn = nn.LayerNorm(config.d_model, eps=config.layernorm_eps, bias=config.bias)
+        self.ln_attn = LayerNorm(config.d_model, eps=config.layernorm_eps, bias=config.bias,
+                                 fused=config.fused_kernels)
         self.ln_mlp = None
         if not config.shared_layernorm:
-            self.ln_mlp = nn.LayerNorm(config.d_model, eps=config.layernorm_eps, bias=config.bias)
+            self.ln_mlp = LayerNorm(config.d_model, eps=config.layernorm_eps, bias=config.bias,
+                                    fused=config.fused_kernels)
         self.attention = SelfAttention(config, layers, reduce_output=not config.parallel_residual)
         self.mlp = MLP(config, layers, reduce_output=not config.parallel_residual)
         self.dropout = nn.Dropout(config.dropout)
@@ -228,8 +231,8 @@ def gpt_layer_specs(config: ModelConfig, layers: LayerFactory | None = None) -> 
     tied_attr = "word_embeddings.weight" if config.tied_embeddings else None
     specs = [LayerSpec(Embedding, common, tied_key=tied_key, tied_weight_attr=tied_attr)]
     specs += [LayerSpec(Block, common) for _ in range(config.num_layers)]
-    specs.append(LayerSpec(nn.LayerNorm, {"normalized_shape": config.d_model, "eps": config.layernorm_eps,
-                                          "bias": config.bias}))
+    specs.append(LayerSpec(LayerNorm, {"normalized_shape": config.d_model, "eps": config.layernorm_eps,
+                                       "bias": config.bias, "fused": config.fused_kernels}))
     if config.tied_embeddings:
         specs.append(LayerSpec(Embedding, common, tied_key=tied_key, tied_weight_attr=tied_attr,
                                forward_method="logits"))
@@ -316,8 +319,9 @@ class GPT(nn.Module):
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy of ``forward``'s logits (vocab-parallel under tensor parallelism:
-        the logits are then this rank's vocabulary shard and are never gathered)."""
-        return self.layer_factory.loss(logits, targets, ignore_index)
+        the logits are then this rank's vocabulary shard and are never gathered). With ``model.fused_kernels``
+        the single-shard loss runs the fused Triton cross-entropy on CUDA."""
+        return self.layer_factory.loss(logits, targets, ignore_index, fused=self.config.fused_kernels)
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Full ``[..., vocab_size]`` logits from ``forward``'s (a no-op without tensor parallelism)."""
@@ -326,12 +330,3 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         """Number of distinct parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters())
-
-
-def language_model_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy; logits ``[batch, seq, vocab]``, targets ``[batch, seq]``.
-
-    Computed in float32 whatever the logits' dtype (log-softmax over 50k entries in bf16 is lossy).
-    """
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=ignore_index)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megagpt.model.fused_ops import language_model_loss
+
 
 class LayerFactory:
     """Builds plain (single-device) layers, initialised with a normal(0, ``init_std``) distribution."""
@@ -40,11 +42,12 @@ class LayerFactory:
         """Sum partial outputs of ``row_linear(..., reduce_output=False)`` over the ranks (here: one)."""
         return partial
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             fused: bool = False) -> torch.Tensor:
         """Mean next-token cross-entropy of ``vocab_logits`` output, in float32 (a log-softmax over 50k
-        entries in bf16 is lossy). A vocab-parallel factory computes it without gathering the logits."""
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                               ignore_index=ignore_index)
+        entries in bf16 is lossy); ``fused``: the fused Triton kernel on CUDA (megagpt/model/fused_ops.py).
+        A vocab-parallel factory computes it without gathering the logits."""
+        return language_model_loss(logits, targets, ignore_index, fused=fused)
 
     def gather_logits(self, logits: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
         """Full ``[..., vocab_size]`` logits from ``vocab_logits`` output (already whole on one device)."""

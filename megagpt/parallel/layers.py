@@ -275,8 +275,9 @@ class TensorParallelLayerFactory(LayerFactory):
         return gather_from_tp(logits, self.group)[..., :self._true_vocab(vocab_size)]
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-             vocab_size: int | None = None) -> torch.Tensor:
-        """Mean cross-entropy (float32) of the local logits shards, without gathering them."""
+             fused: bool = False, vocab_size: int | None = None) -> torch.Tensor:
+        """Mean cross-entropy (float32) of the local logits shards, without gathering them (``fused`` is
+        accepted for the model's sake: the vocab-parallel form is kept whatever it says)."""
         vocab_start = self.tp_rank * logits.shape[-1]
         return vocab_parallel_cross_entropy(logits, targets, vocab_start, self._true_vocab(vocab_size),
                                             self.group, ignore_index)

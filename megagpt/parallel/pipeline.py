@@ -45,7 +45,7 @@ def build_pipeline_module(config: ModelConfig, num_stages: int, tp: int, dp: int
             specs.append(LayerSpec(spec.module_class, **spec.kwargs))
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return factory.loss(logits, labels)
+        return factory.loss(logits, labels, fused=config.fused_kernels)
 
     return PipelineModule(
         layers=specs, loss_fn=loss_fn,

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from megagpt.kernels import alibi_attention_reference, alibi_causal_bias, alibi_flash_attention
 from megagpt.kernels import alibi_attention as attention_module
+from megagpt.kernels.attention_configs import head_chunks
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 ON_GPU = torch.cuda.is_available()
-H100_SHARED_MEMORY_BYTES = 232448  # 227 KiB per block
 
 
 def press_slopes(num_heads: int) -> torch.Tensor:
@@ -117,7 +117,7 @@ def test_decode_forward_equals_last_rows_of_full_attention(device):
     torch.testing.assert_close(last, full[:, :, -7:], atol=2e-6, rtol=2e-6)
 
 
-@pytest.mark.skipif(ON_GPU, reason="interpreter block sizes only; the GPU picks its own by autotuning")
+@pytest.mark.skipif(ON_GPU, reason="interpreter block sizes only; the GPU's come from attention_configs")
 @pytest.mark.parametrize("fwd_blocks, dkdv_blocks", [((16, 16), (16, 16)), ((16, 32), (32, 16)), ((32, 32), (32, 32))])
 def test_other_block_shapes(fwd_blocks, dkdv_blocks, device, monkeypatch):
     # The GPU configs mix BLOCK_M > BLOCK_N, BLOCK_M < BLOCK_N and equal; the diagonal/off-diagonal split must be
@@ -182,46 +182,21 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
         alibi_flash_attention(q, k, v, slopes)
 
 
-def _attention_pointer_types(dtype_name: str) -> dict:
-    types = {name: f"*{dtype_name}" for name in
-             ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr")}
-    types.update({name: "*fp32" for name in ("lse_ptr", "delta_ptr", "slopes_log2_ptr")})
-    return types
-
-
-def _compile_config(compile_for_gpu, kernel, config, dtype_name, head_dim):
-    constexprs = dict(config.kwargs, HEAD_DIM=head_dim, UPCAST=False,
-                      DOT_PRECISION="ieee" if dtype_name == "fp32" else "tf32")
-    return compile_for_gpu(kernel, _attention_pointer_types(dtype_name), constexprs,
-                           num_warps=config.num_warps, num_stages=config.num_stages)
-
-
-def test_gpu_path_compiles_for_h100(compile_for_gpu):
-    # The interpreter never type-checks the compiled path (e.g. loads without masks, constexpr branches).
-    m = attention_module
-    for kernel, config in ((m._alibi_attn_fwd, m._FWD_CONFIGS[0]), (m._alibi_attn_bwd_dkdv, m._DKDV_CONFIGS[0]),
-                           (m._alibi_attn_bwd_dq, m._DQ_CONFIGS[0])):
-        compiled = _compile_config(compile_for_gpu, kernel, config, "bf16", 64)
-        assert compiled.metadata.shared <= H100_SHARED_MEMORY_BYTES, (kernel.__name__, config)
-    compile_for_gpu(m._alibi_attn_bwd_preprocess, _attention_pointer_types("bf16"), {"HEAD_DIM": 64, "BLOCK_M": 64})
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype_name", ["fp16", "bf16", "fp32"])
-def test_every_autotune_config_fits_an_h100(dtype_name, compile_for_gpu):
-    # Several minutes on CPU (fp32 "ieee" dots compile slowly): compile every config the autotuner may pick.
-    m = attention_module
-    tuned = ((m._alibi_attn_fwd, m._FWD_CONFIGS, m._FWD_FP32), (m._alibi_attn_bwd_dkdv, m._DKDV_CONFIGS, m._DKDV_FP32),
-             (m._alibi_attn_bwd_dq, m._DQ_CONFIGS, m._DQ_FP32))
-    for head_dim in (32, 64, 128):
-        for kernel, configs, fp32_config in tuned:
-            for config in [fp32_config] if dtype_name == "fp32" else configs:
-                compiled = _compile_config(compile_for_gpu, kernel, config, dtype_name, head_dim)
-                assert compiled.metadata.shared <= H100_SHARED_MEMORY_BYTES, (kernel.__name__, config, head_dim)
-
-
 def test_backward_for_every_diagonal_offset(device):
     # Where the diagonal crosses a key block depends on (seq_k - seq_q) modulo the block sizes; an off-by-one in
     # the masked/unmasked split shows only for some offsets, so sweep one full interpreter block of them.
     for offset in range(16):
         check_against_reference(*make_inputs(1, 1, 18, 18 + offset, 16, torch.float32, device, seed=offset))
+
+
+def test_head_chunked_launches_match_reference(device, monkeypatch):
+    # 5 (batch, head) pairs in launches of at most 2 (CUDA's grid-y limit is 65,535): bh_start must offset every
+    # tensor and the saved statistics.
+    monkeypatch.setattr(attention_module, "head_chunks", lambda n: head_chunks(n, limit=2))
+    check_against_reference(*make_inputs(5, 1, 20, 20, 16, torch.float32, device))
+
+
+def test_int64_offset_path_matches_reference(device, monkeypatch):
+    # The path long strided inputs take (attention_configs.needs_int64_offsets), on a small shape.
+    monkeypatch.setattr(attention_module, "needs_int64_offsets", lambda *tensors: True)
+    check_against_reference(*make_inputs(1, 2, 19, 40, 16, torch.float32, device))

@@ -111,8 +111,14 @@ def test_rejects_bad_inputs(kwargs, message, device):
         fused_layer_norm(**args)
 
 
-def test_gpu_path_compiles_for_h100(compile_for_gpu):
+@pytest.mark.parametrize("arch", [86] + [pytest.param(arch, marks=pytest.mark.slow) for arch in (80, 89, 90)])
+def test_gpu_path_compiles_and_fits(arch, compile_for_gpu):
+    # gpt1b's hidden size 2048 and the widest bf16 row the kernel takes (32768); sm_86 / sm_89 have the
+    # smallest shared memory per block of these architectures, 101,376 bytes.
     pointers = {name: "*bf16" for name in ("x_ptr", "y_ptr", "w_ptr", "b_ptr", "dy_ptr", "dx_ptr")}
     pointers.update({name: "*fp32" for name in ("mean_ptr", "rstd_ptr", "dw_partial_ptr", "db_partial_ptr")})
-    for kernel in (layernorm_module._layer_norm_fwd, layernorm_module._layer_norm_bwd):
-        compile_for_gpu(kernel, pointers, {"HAS_BIAS": True, "BLOCK_H": 4096}, num_warps=16)
+    for block_h in (2048, 32768):
+        for kernel in (layernorm_module._layer_norm_fwd, layernorm_module._layer_norm_bwd):
+            compiled = compile_for_gpu(kernel, pointers, {"HAS_BIAS": True, "BLOCK_H": block_h},
+                                       num_warps=layernorm_module._num_warps(block_h), arch=arch)
+            assert compiled.metadata.shared <= 101376, (kernel.__name__, block_h, arch)

@@ -218,7 +218,7 @@ def _flash_attn_installed() -> bool:
 def test_flash_backend_without_flash_attn_fails_clearly():
     with pytest.raises(ValueError, match="needs the optional flash-attn package"):
         GPT(_tiny_config(attention_backend="flash"))
-    q, k, v = random_qkv(1, 2, 8, 8, 16)
+    q, k, v = (t.half() for t in random_qkv(1, 2, 8, 8, 16))  # fp32 would fall back before (flash takes 16-bit)
     with pytest.raises(ValueError, match="needs the optional flash-attn package"):
         causal_attention(q, k, v, None, backend="flash")
 
@@ -233,3 +233,62 @@ def test_flash_backend_matches_ground_truth(with_alibi, seq_q, seq_k):
     out = causal_attention(q, k, v, slopes, backend="flash")
     # fp16 inputs and probabilities: 2e-3 absolute on O(1) outputs.
     torch.testing.assert_close(out.double(), ground_truth(q, k, v, slopes), atol=2e-3, rtol=2e-3)
+
+
+# ---- backend selection: never a crash inside a kernel launch ------------------------------------------------------
+CUDA = torch.device("cuda", 0)  # a device object only: nothing runs on it
+
+
+@pytest.fixture
+def fresh_notices(monkeypatch):
+    from megagpt.model import attention
+
+    monkeypatch.setattr(attention, "_notices_given", set())
+
+
+def test_auto_picks_triton_on_cuda_only_where_the_kernel_applies(fresh_notices):
+    assert resolve_backend("auto", CUDA, 128, torch.bfloat16) == "triton"
+    assert resolve_backend("auto", CUDA, 64, torch.float32) == "triton"
+    assert resolve_backend("auto", torch.device("cpu"), 80, torch.bfloat16) == "sdpa"
+    # d_model 2560 with 32 heads: head_dim 80, which the kernel does not support
+    with pytest.warns(UserWarning, match=r"does not support head_dim 80 .*using 'sdpa'"):
+        assert resolve_backend("auto", CUDA, 80, torch.bfloat16) == "sdpa"
+    with pytest.warns(UserWarning, match=r"does not support dtype torch.float64"):
+        assert resolve_backend("auto", CUDA, 64, torch.float64) == "sdpa"
+
+
+def test_notice_is_given_once(fresh_notices, recwarn):
+    for _ in range(3):
+        resolve_backend("auto", CUDA, 96, torch.float16)
+    assert len([w for w in recwarn if "head_dim 96" in str(w.message)]) == 1
+
+
+def test_flash_with_fp32_falls_back_with_a_notice(fresh_notices):
+    # The evaluation tools load weights in fp32 by default; flash-attn takes only fp16/bf16.
+    with pytest.warns(UserWarning, match=r"'flash' needs fp16/bf16 tensors, got torch.float32: using 'triton'"):
+        assert resolve_backend("flash", CUDA, 64, torch.float32) == "triton"
+    assert resolve_backend("flash", CUDA, 64, torch.bfloat16) == "flash"
+
+
+def test_explicit_triton_with_unsupported_head_dim_is_refused_at_build():
+    if TRITON_MISSING:
+        pytest.skip(TRITON_MISSING)
+    with pytest.raises(ValueError, match=r"attention_backend='triton' supports head_dim \(16, 32, 64, 128\), the "
+                                         r"model has 80; use attention_backend='auto'"):
+        GPT(_tiny_config(d_model=160, num_heads=2, head_dim=80, attention_backend="triton"))
+
+
+def test_auto_model_with_head_dim_80_runs():
+    model = GPT(_tiny_config(d_model=160, num_heads=2, head_dim=80)).to(DEVICE)
+    tokens = torch.randint(0, 300, (1, 12), device=DEVICE)
+    model.loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+
+
+def test_triton_head_dims_match_the_kernel():
+    if TRITON_MISSING:
+        pytest.skip(TRITON_MISSING)
+    from megagpt.kernels import alibi_attention
+    from megagpt.model import attention
+
+    assert attention.TRITON_HEAD_DIMS == alibi_attention.SUPPORTED_HEAD_DIMS
+    assert attention.TRITON_DTYPES == alibi_attention.SUPPORTED_DTYPES
