@@ -37,6 +37,12 @@ def relative_error(got: torch.Tensor, want: torch.Tensor, floor: float = 1e-30) 
     return ((got - want).abs().max() / want.abs().max().clamp_min(floor)).item()
 
 
+@pytest.fixture(name="relative_error")
+def relative_error_fixture():
+    """``relative_error`` itself, for tests that compare errors rather than bound them."""
+    return relative_error
+
+
 @pytest.fixture
 def assert_relative_error():
     """``check(name, got, want, tolerance, floor=1e-30)``: assert ``relative_error(got, want, floor) <= tolerance``,

@@ -76,11 +76,11 @@ def test_alibi_attention_kv_cache_queries(seq_q, seq_k, dtype, device, assert_re
 
 
 def test_alibi_attention_model_layout_strides(device, assert_relative_error):
-    # The model hands the kernel q, k, v as views of one fused QKV projection ([b, s, 3, h, d] permuted):
-    # non-contiguous batch/head/sequence strides, unit head_dim stride.
+    # The model hands the kernel q, k, v as views of one fused QKV projection ([b, s, h, 3, d] permuted, as in
+    # megagpt/model/gpt.py): non-contiguous batch/head/sequence strides, unit head_dim stride.
     batch, seq, heads, head_dim = 2, (1000 if ON_GPU else 40), 4, 64
-    qkv = random_tensor((batch, seq, 3, heads, head_dim), torch.bfloat16, device, 5)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    qkv = random_tensor((batch, seq, heads, 3, head_dim), torch.bfloat16, device, 5)
+    q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)
     assert not q.is_contiguous()
     slopes = alibi_slopes(heads).to(device)
     out = alibi_flash_attention(q, k, v, slopes)
