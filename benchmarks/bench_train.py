@@ -108,7 +108,8 @@ def optimizer_state_bytes(optimizer) -> dict:
     """Bytes of optimizer state: ``moments`` (every tensor in the state of the innermost torch optimizer, found
     through DeepSpeed's ``.optimizer`` wrappers: Adam's moments, bitsandbytes' 8-bit states with their absmax and
     quantile maps, step counters) by dtype, and ``fp32_master`` (ZeRO's fp32 partitions of bf16 weights; 0 for a
-    plain optimizer, whose fp32 parameters are the weights themselves)."""
+    plain optimizer, whose fp32 parameters are the weights themselves). DeepSpeed's fp32 gradient buffers are not
+    optimizer state: they show in the peak memory."""
     import torch
 
     base, hops = optimizer, 0
@@ -122,7 +123,10 @@ def optimizer_state_bytes(optimizer) -> dict:
             if torch.is_tensor(value):
                 key = str(value.dtype).removeprefix("torch.")
                 by_dtype[key] = by_dtype.get(key, 0) + value.numel() * value.element_size()
-    masters = getattr(optimizer, "single_partition_of_fp32_groups", None) or []
+    # DeepSpeed's ZeRO-1/2 optimizer and its BF16_Optimizer (bf16 + ZeRO-1 with fp32 gradient accumulation) name
+    # their fp32 partitions differently.
+    masters = (getattr(optimizer, "single_partition_of_fp32_groups", None)
+               or getattr(optimizer, "fp32_groups_flat_partition", None) or [])
     return {"moments": sum(by_dtype.values()), "moments_by_dtype": by_dtype,
             "fp32_master": sum(t.numel() * t.element_size() for t in masters), "optimizer": type(base).__name__}
 
@@ -237,7 +241,8 @@ def hf_worker(args) -> dict:
                            n_inner=model_cfg.ffn_hidden_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                            bos_token_id=0, eos_token_id=0, tie_word_embeddings=True)
     with torch.device(device):  # initialised where it trains (a 1B model's init on the CPU takes long)
-        model = GPT2LMHeadModel._from_config(hf_config, attn_implementation="sdpa").train()
+        model = GPT2LMHeadModel._from_config(hf_config, attn_implementation="sdpa")
+    model = model.to(device).train()
     opt = config.optimizer
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
