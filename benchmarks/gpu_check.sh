@@ -80,13 +80,15 @@ def version(name):
 info = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
         "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
 info.update({name: version(name) for name in ("triton", "deepspeed", "bitsandbytes", "transformers", "numpy",
-                                               "flash-attn", "ftfy", "pybind11")})
+                                               "flash-attn", "ftfy", "pybind11", "setuptools", "pytest")})
 if torch.cuda.is_available():
     props = torch.cuda.get_device_properties(0)
     info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", gpu_memory_bytes=props.total_memory,
                 multiprocessors=props.multi_processor_count)
 print(json.dumps(info, indent=1))
 PY
+MISSING=$("$PYTHON" -c 'import json, sys; v = json.load(open(sys.argv[1])); print(" ".join(k for k in ("deepspeed", "bitsandbytes", "transformers", "pybind11", "setuptools", "pytest") if not v.get(k)))' "$OUT/versions.json" 2>/dev/null)
+[ -z "$MISSING" ] || say "MISSING here: $MISSING (the parts that need them will fail; EXTRA_WHEELS='...' ../shared/gpu/wheelhouse.sh ships more wheels)"
 say "device: $(sed -n '1,/^$/p' "$OUT/device.txt" | grep -m1 -E 'H100|H200|A100|NVIDIA|GPU' || echo cpu) | $(tr -d '\n ' <"$OUT/versions.json" | cut -c1-200)"
 
 # ---- the parts: each with a time limit, its log under logs/, its status in summary.json
