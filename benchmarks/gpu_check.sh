@@ -87,8 +87,14 @@ if torch.cuda.is_available():
                 multiprocessors=props.multi_processor_count)
 print(json.dumps(info, indent=1))
 PY
-MISSING=$("$PYTHON" -c 'import json, sys; v = json.load(open(sys.argv[1])); print(" ".join(k for k in ("deepspeed", "bitsandbytes", "transformers", "pybind11", "setuptools", "pytest") if not v.get(k)))' "$OUT/versions.json" 2>/dev/null)
-[ -z "$MISSING" ] || say "MISSING here: $MISSING (the parts that need them will fail; EXTRA_WHEELS='...' ../shared/gpu/wheelhouse.sh ships more wheels)"
+MISSING=$("$PYTHON" - "$OUT/versions.json" 2>/dev/null <<'PY'
+import json, sys
+versions = json.load(open(sys.argv[1]))
+needed = ("deepspeed", "bitsandbytes", "transformers", "pybind11", "setuptools", "pytest")
+print(" ".join(name for name in needed if not versions.get(name)))
+PY
+)
+[ -z "$MISSING" ] || say "MISSING here: $MISSING (the parts needing them will fail; EXTRA_WHEELS=... for wheelhouse.sh)"
 say "device: $(sed -n '1,/^$/p' "$OUT/device.txt" | grep -m1 -E 'H100|H200|A100|NVIDIA|GPU' || echo cpu) | $(tr -d '\n ' <"$OUT/versions.json" | cut -c1-200)"
 
 # ---- the parts: each with a time limit, its log under logs/, its status in summary.json

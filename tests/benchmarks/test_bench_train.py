@@ -1,6 +1,8 @@
 """benchmarks/bench_train.py's accounting, without training: optimizer-state bytes (torch AdamW, bitsandbytes 8-bit,
 ZeRO's fp32 masters), the baseline's FLOPs in megagpt's convention, rates, ratios and targets, the cases a run plans,
 and the config each megagpt case trains. The end-to-end run is tests/benchmarks/test_gpu_check.py's (slow)."""
+import json
+import sys
 import types
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 from testing_utils import load_script
 
 bench = load_script("benchmarks/bench_train.py")
+worker = load_script("benchmarks/bench_train_worker.py")
 
 
 def one_step(optimizer, params):
@@ -20,7 +23,7 @@ def test_torch_adamw_state_is_two_fp32_moments_per_parameter_plus_step_counters(
     params = [torch.nn.Parameter(torch.randn(300, 7)), torch.nn.Parameter(torch.randn(11))]
     optimizer = torch.optim.AdamW(params)
     one_step(optimizer, params)
-    state = bench.optimizer_state_bytes(optimizer)
+    state = worker.optimizer_state_bytes(optimizer)
     n = sum(p.numel() for p in params)
     steps = sum(s["step"].numel() * s["step"].element_size() for s in optimizer.state.values())
     assert state["moments"] == 8 * n + steps and state["moments_by_dtype"] == {"float32": 8 * n + steps}
@@ -33,7 +36,7 @@ def test_bitsandbytes_8bit_state_is_counted_with_its_quantisation_tables():
     big, small = torch.nn.Parameter(torch.randn(256, 256)), torch.nn.Parameter(torch.randn(100))
     optimizer = AdamW8bit([big, small])
     one_step(optimizer, [big, small])
-    state = bench.optimizer_state_bytes(optimizer)
+    state = worker.optimizer_state_bytes(optimizer)
     assert state["moments_by_dtype"]["uint8"] == 2 * big.numel()  # two 8-bit moments
     # small tensors keep 32-bit moments; block absmax (one fp32 per 256 values) and the quantile maps are counted
     assert state["moments_by_dtype"]["float32"] >= 2 * 4 * small.numel() + 2 * 4 * big.numel() // 256
@@ -46,11 +49,11 @@ def test_zero_wrapper_is_unwrapped_and_its_fp32_masters_counted_apart():
     one_step(inner, params)
     masters = [torch.zeros(50), torch.zeros(14)]
     wrapper = types.SimpleNamespace(optimizer=inner, single_partition_of_fp32_groups=masters)  # DeepSpeed's shape
-    state = bench.optimizer_state_bytes(wrapper)
+    state = worker.optimizer_state_bytes(wrapper)
     assert state["fp32_master"] == 4 * 64
-    assert state["moments"] == bench.optimizer_state_bytes(inner)["moments"]
+    assert state["moments"] == worker.optimizer_state_bytes(inner)["moments"]
     with pytest.raises(TypeError, match="no torch optimizer"):
-        bench.optimizer_state_bytes(types.SimpleNamespace(optimizer=None))
+        worker.optimizer_state_bytes(types.SimpleNamespace(optimizer=None))
 
 
 def test_baseline_flops_follow_megagpts_convention_for_the_same_architecture():
@@ -66,7 +69,7 @@ def test_baseline_flops_follow_megagpts_convention_for_the_same_architecture():
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=48, n_embd=64, n_layer=3, n_head=4,
                                     bos_token_id=0, eos_token_id=0))
     n = sum(p.numel() for p in hf.parameters())
-    got = bench.gpt2_flops_per_token(n, hf.transformer.wpe.weight.numel(), 3, 64, 48)
+    got = worker.gpt2_flops_per_token(n, hf.transformer.wpe.weight.numel(), 3, 64, 48)
     assert got == flops_per_token(ours, 48)
 
 
@@ -117,14 +120,27 @@ def test_planned_cases_and_the_dry_pairing():
     assert dry == ["megagpt_gpt127_adamw8bit", "hf_gpt127", "megagpt_gpt1b_adamw", "hf_gpt1b"]
 
 
+def test_worker_commands():
+    args = make_args(micro_batch=None, warmup_steps=3, overrides=["optimizer.lr=1e-4"])
+    command = bench.worker_command(args, "megagpt", "r.json", 29601, "gpt1b", "adamw8bit")
+    assert command[1:7] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", "29601"]
+    assert command[-3].endswith("bench_train_worker.py") and command[-2] == "--spec"
+    assert json.loads(command[-1]) == {"kind": "megagpt", "shape": "gpt1b", "optimizer": "adamw8bit", "steps": 4,
+                                       "warmup_steps": 3, "grad_accum": 2, "micro_batch": None, "dry": False,
+                                       "overrides": ["optimizer.lr=1e-4"], "result": "r.json"}
+    baseline = bench.worker_command(args, "hf", "h.json", 0, "gpt1b", "adamw_fused_torch")
+    assert baseline[0] == sys.executable and baseline[1].endswith("bench_train_worker.py")
+
+
 def test_megagpt_case_config():
-    args = bench.parse_args(["--output", "x", "--grad-accum", "3", "--set", "optimizer.lr=1e-4"])
-    config = bench.load_shape_config(args, "gpt1b", "adamw8bit")
+    args = types.SimpleNamespace(dry=False, micro_batch=None, grad_accum=3, overrides=["optimizer.lr=1e-4"])
+    config = worker.load_shape_config(args, "gpt1b", "adamw8bit")
     assert (config.parallel.precision, config.parallel.zero_stage, config.optimizer.kind) == ("bf16", 1, "adamw8bit")
     assert not config.parallel.activation_checkpointing and config.schedule.seq_len_stages is None
     assert config.batch.micro_batch == 8 and config.batch.global_batch == 24  # the config's micro batch x 3
     assert config.optimizer.lr == 1e-4 and config.model.d_model == 2048
-    dry = bench.load_shape_config(bench.parse_args(["--output", "x", "--dry"]), "gpt1b")
+    dry = worker.load_shape_config(types.SimpleNamespace(dry=True, micro_batch=None, grad_accum=2, overrides=[]),
+                                   "gpt1b")
     assert dry.model.attention_backend == "triton" and dry.model.d_model == 64 and dry.model.attention_width == 64
 
 
