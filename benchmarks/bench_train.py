@@ -86,15 +86,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def planned_cases(args) -> list[dict]:
-    """Per shape: each megagpt optimizer, then the baseline. ``--dry`` takes the optimizers in turn, one per shape
-    (every code path once: each launch costs tens of seconds on a CPU)."""
+    """Per shape, in ``--shapes`` order: the first optimizer, the baseline, the other optimizers (so that a run cut
+    short still has a ratio). ``--dry`` takes the optimizers in turn, one per shape (every code path once: each launch
+    costs tens of seconds on a CPU)."""
     cases = []
     for index, shape in enumerate(args.shapes):
         optimizers = [args.optimizers[index % len(args.optimizers)]] if args.dry else args.optimizers
-        cases += [{"name": f"megagpt_{shape}_{opt}", "kind": "megagpt", "shape": shape, "optimizer": opt}
-                  for opt in optimizers]
-        if args.baseline:
-            cases.append({"name": f"hf_{shape}", "kind": "hf", "shape": shape, "optimizer": "adamw_fused_torch"})
+        ours = [{"name": f"megagpt_{shape}_{opt}", "kind": "megagpt", "shape": shape, "optimizer": opt}
+                for opt in optimizers]
+        baseline = [{"name": f"hf_{shape}", "kind": "hf", "shape": shape, "optimizer": "adamw_fused_torch"}]
+        cases += ours[:1] + (baseline if args.baseline else []) + ours[1:]
     return cases
 
 

@@ -140,7 +140,7 @@ if [ "$DRY" = 1 ]; then
   TRAIN_ARGS=(--dry)
 else
   ATTENTION_ARGS=(--device cuda --seq-lens 512 1024 2048 4096 8192 --head-dims 128 --tokens 16384 --heads 16 --dtype bf16)
-  TRAIN_ARGS=()
+  TRAIN_ARGS=(--shapes gpt1b gpt127)  # the targets are gpt1b's: first, in case the budget runs out
 fi
 if has_part attention; then
   run_part attention "$(min "${CAPS[1]}" "$(left 170)")" "$PYTHON" benchmarks/bench_attention.py "${ATTENTION_ARGS[@]}" \

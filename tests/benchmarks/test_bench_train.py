@@ -114,8 +114,10 @@ def test_rates_ratios_and_targets():
 
 def test_planned_cases_and_the_dry_pairing():
     names = [c["name"] for c in bench.planned_cases(make_args())]
-    assert names == ["megagpt_gpt127_adamw8bit", "megagpt_gpt127_adamw", "hf_gpt127",
-                     "megagpt_gpt1b_adamw8bit", "megagpt_gpt1b_adamw", "hf_gpt1b"]
+    assert names == ["megagpt_gpt127_adamw8bit", "hf_gpt127", "megagpt_gpt127_adamw",
+                     "megagpt_gpt1b_adamw8bit", "hf_gpt1b", "megagpt_gpt1b_adamw"]
+    assert [c["name"] for c in bench.planned_cases(make_args(baseline=False, shapes=["gpt1b"]))] == [
+        "megagpt_gpt1b_adamw8bit", "megagpt_gpt1b_adamw"]
     dry = [c["name"] for c in bench.planned_cases(make_args(dry=True))]
     assert dry == ["megagpt_gpt127_adamw8bit", "hf_gpt127", "megagpt_gpt1b_adamw", "hf_gpt1b"]
 

@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megagpt.config import ModelConfig
 from megagpt.generate import KVCache
@@ -32,9 +33,14 @@ def build(backend: str, dtype: torch.dtype, device: str) -> GPT:
     return GPT(config, init_seed=7).to(device=device, dtype=dtype)  # same init_seed: the same weights
 
 
-def forward_backward(model: GPT, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def forward_backward(model: GPT, tokens: torch.Tensor, plain_loss: bool = False):
+    """(logits, loss, {parameter name: gradient}); ``plain_loss``: float64 cross-entropy instead of the model's own
+    loss path (which may use fused kernels that take no float64)."""
     logits = model(tokens[:, :-1])
-    loss = model.loss(logits, tokens[:, 1:])
+    if plain_loss:
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    else:
+        loss = model.loss(logits, tokens[:, 1:])
     loss.backward()
     return logits.detach(), loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
@@ -42,7 +48,8 @@ def forward_backward(model: GPT, tokens: torch.Tensor) -> tuple[torch.Tensor, to
 def test_bf16_triton_model_is_as_close_to_float64_as_sdpa(device, relative_error):
     tokens = torch.randint(0, SHAPE["vocab_size"], (2, SHAPE["seq_len"] + 1),
                            generator=torch.Generator().manual_seed(0)).to(device)
-    truth = forward_backward(build("reference", torch.float64, device), tokens)
+    # The float64 truth runs on the CPU with plain PyTorch attention: no kernel of ours, on any device.
+    truth = forward_backward(build("reference", torch.float64, "cpu"), tokens.cpu(), plain_loss=True)
     results = {backend: forward_backward(build(backend, torch.bfloat16, device), tokens)
                for backend in ("triton", "sdpa")}
     names = ["logits", "loss"] + list(truth[2])
