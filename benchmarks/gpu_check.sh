@@ -42,9 +42,14 @@ OUT=${OUT:-$ROOT/out/gpu_check}
 if [ -e "$OUT/summary.json" ] && [ "$OVERWRITE" = 0 ]; then
   echo "gpu_check.sh: $OUT already holds a finished check (summary.json); use another OUT or --overwrite" >&2; exit 2
 fi
-mkdir -p "$OUT/logs" || exit 2
-rm -f "$OUT/summary.json"
 PYTHON=${PYTHON:-python3}
+if [ "$DRY" = 0 ] && ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "gpu_check.sh: torch sees no CUDA device here; use --dry for the CPU rehearsal" >&2; exit 2
+fi
+# --overwrite: nothing of the earlier check may pass for this one's
+rm -rf "$OUT/summary.json" "$OUT/logs" "$OUT/train" "$OUT/attention.json" "$OUT/tests.xml" "$OUT/versions.json" \
+  "$OUT/device.txt"
+mkdir -p "$OUT/logs" || exit 2
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
 say() { echo "[gpu_check $(elapsed)s] $*"; }
@@ -63,11 +68,7 @@ if ! "$PYTHON" -c 'import deepspeed, bitsandbytes, ftfy' >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-if [ "$DRY" = 1 ]; then
-  export MEGAGPT_GPU_CHECK_DRY=1 TRITON_INTERPRET=1
-elif ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  echo "gpu_check.sh: torch sees no CUDA device here; use --dry for the CPU rehearsal" >&2; exit 2
-fi
+[ "$DRY" = 0 ] || export MEGAGPT_GPU_CHECK_DRY=1 TRITON_INTERPRET=1
 { date -u +%Y-%m-%dT%H:%M:%SZ; uname -a; nvidia-smi 2>&1 || echo "no nvidia-smi"; } >"$OUT/device.txt"
 "$PYTHON" - >"$OUT/versions.json" 2>"$OUT/logs/versions.log" <<'PY'
 import importlib.metadata, json, platform, sys

@@ -40,6 +40,7 @@ def test_a_finished_check_is_not_overwritten_unless_asked(tmp_path):
 def test_without_cuda_only_the_dry_run_is_allowed(tmp_path):
     result = run_check(tmp_path / "out", "--parts", "tests")
     assert result.returncode == 2 and "no CUDA device" in result.stderr and "--dry" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
