@@ -131,9 +131,7 @@ def write_json(data: dict, path: str | Path) -> None:
 
 
 def megagpt_worker(args) -> dict:
-    """One megagpt case in this (deepspeed-launched) process."""
-    import torch
-
+    """One megagpt case in this (deepspeed-launched) process; the config's data files are never read."""
     from megagpt.engine import build_engine, build_process_groups, init_distributed, launch_from_env
     from megagpt.metrics import flops_per_token
     from megagpt.training import micro_loss
