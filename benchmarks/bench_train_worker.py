@@ -134,7 +134,7 @@ def megagpt_worker(args) -> dict:
     """One megagpt case in this (deepspeed-launched) process; the config's data files are never read."""
     from megagpt.engine import build_engine, build_process_groups, init_distributed, launch_from_env
     from megagpt.metrics import flops_per_token
-    from megagpt.training import micro_loss
+    from megagpt.training import full_rows, micro_loss
 
     config = load_shape_config(args, args.shape, args.optimizer)
     launch = launch_from_env("auto")
@@ -144,7 +144,7 @@ def megagpt_worker(args) -> dict:
     batches = synthetic_batches(model.vocab_size, config.batch.micro_batch, model.seq_len, device)
 
     def micro_step(rows):
-        loss = micro_loss(engine, rows, device)
+        loss = micro_loss(engine, full_rows(rows), device)
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer on the last micro batch of each step only
         return loss
