@@ -1,23 +1,35 @@
-"""Small indexed datasets for the selection tests."""
+"""Small indexed datasets for the selection tests (helpers handed out as fixtures: tests/ is not a package)."""
 import numpy as np
 import pytest
 
 from megagpt.data.indexed import IndexedDatasetWriter
 
 
-def write_dataset(prefix, documents, dtype=np.uint16) -> str:
+def _write_dataset(prefix, documents, dtype=np.uint16) -> str:
     with IndexedDatasetWriter(prefix, dtype=dtype) as writer:
         for doc in documents:
             writer.add_document(np.asarray(doc))
     return str(prefix)
 
 
-def random_documents(n: int, seed: int = 0, vocab: int = 257, max_len: int = 90) -> list[np.ndarray]:
+def _random_documents(n: int, seed: int = 0, vocab: int = 257, max_len: int = 90) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, size=int(rng.integers(1, max_len))) for _ in range(n)]
 
 
 @pytest.fixture
+def write_dataset():
+    """``write_dataset(prefix, documents, dtype=uint16) -> prefix``: one document per sequence."""
+    return _write_dataset
+
+
+@pytest.fixture
+def random_documents():
+    """``random_documents(n, seed=0, vocab=257, max_len=90)``: lengths 1 .. max_len - 1."""
+    return _random_documents
+
+
+@pytest.fixture
 def small_dataset(tmp_path):
-    docs = random_documents(40)
-    return write_dataset(tmp_path / "corpus", docs), docs
+    docs = _random_documents(40)
+    return _write_dataset(tmp_path / "corpus", docs), docs

@@ -4,7 +4,6 @@ import pytest
 
 from megagpt.selection.scores import (DocumentScores, check_alignment, dataset_fingerprint, dataset_record,
                                       read_scores, write_scores)
-from tests.selection.conftest import random_documents, write_dataset
 
 
 def _scores(prefix, n):
@@ -30,7 +29,7 @@ def test_round_trip(small_dataset, tmp_path):
     write_scores(path, scores, overwrite=True)
 
 
-def test_fingerprint_tells_datasets_apart(tmp_path):
+def test_fingerprint_tells_datasets_apart(tmp_path, write_dataset, random_documents):
     docs = random_documents(30)
     a = write_dataset(tmp_path / "a", docs)
     same = write_dataset(tmp_path / "same", docs)
@@ -42,7 +41,7 @@ def test_fingerprint_tells_datasets_apart(tmp_path):
     assert dataset_fingerprint(write_dataset(tmp_path / "reordered", reordered)) != dataset_fingerprint(a)
 
 
-def test_large_bin_is_sampled_not_read_whole(tmp_path):
+def test_large_bin_is_sampled_not_read_whole(tmp_path, write_dataset):
     docs = [np.full(3000, i % 250, dtype=np.uint16) for i in range(1500)]  # 9 MB: more than 64 blocks of 64 KiB
     a = write_dataset(tmp_path / "a", docs)
     docs[-1] = docs[-1].copy()
@@ -50,7 +49,7 @@ def test_large_bin_is_sampled_not_read_whole(tmp_path):
     assert dataset_fingerprint(write_dataset(tmp_path / "b", docs)) != dataset_fingerprint(a)
 
 
-def test_refuses_scores_of_another_dataset(small_dataset, tmp_path):
+def test_refuses_scores_of_another_dataset(small_dataset, tmp_path, write_dataset, random_documents):
     prefix, docs = small_dataset
     path = write_scores(tmp_path / "s.npz", _scores(prefix, len(docs)))
     other = write_dataset(tmp_path / "other", random_documents(len(docs), seed=5))
