@@ -33,3 +33,22 @@ def random_documents():
 def small_dataset(tmp_path):
     docs = _random_documents(40)
     return _write_dataset(tmp_path / "corpus", docs), docs
+
+
+@pytest.fixture(scope="session")
+def byte_checkpoint(tmp_path_factory):
+    """A consolidated checkpoint of a tiny random byte-level GPT (seq_len 32) that records its tokenizer."""
+    import torch
+
+    from megagpt.config import ModelConfig
+    from megagpt.convert.weights import save_model_weights
+    from megagpt.model import GPT
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=257, seq_len=32, d_model=32, num_layers=2, num_heads=2,
+                         make_vocab_size_divisible_by=64, init_std=0.3)
+    model = GPT(config)
+    out = tmp_path_factory.mktemp("ckpt") / "byte"
+    save_model_weights(model.state_dict(), out, config={"model": config.to_dict(),
+                                                        "tokenizer": {"type": "ByteLevelTokenizer"}})
+    return str(out)
