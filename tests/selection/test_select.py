@@ -1,16 +1,9 @@
-"""Selection rules, the token budget, and tools/select_documents.py's subset (byte-identical to preprocessing)."""
-import json
-import subprocess
-import sys
-from pathlib import Path
-
+"""Selection rules and the token budget (the command line: tests/tools/test_select_documents.py)."""
 import numpy as np
 import pytest
 
-from megagpt.selection.scores import DocumentScores, dataset_record, write_scores
 from megagpt.selection.select import SelectionRule, select
 
-REPO = Path(__file__).resolve().parents[2]
 SCORES = np.array([5.0, 1.0, np.nan, 3.0, 9.0, 7.0, 2.0, 8.0, 4.0, 6.0])  # document i's score
 LENGTHS = np.full(10, 10)
 
@@ -71,49 +64,3 @@ def test_rule_that_selects_nothing_is_an_error():
         select(SelectionRule("range", min_score=100.0), SCORES, LENGTHS)
     with pytest.raises(ValueError, match="needs a score file"):
         select(SelectionRule("low"), None, LENGTHS)
-
-
-def _preprocess(texts, prefix):
-    jsonl = Path(f"{prefix}.jsonl")
-    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(jsonl),
-                    "--tokenizer-type", "ByteLevelTokenizer", "--output-prefix", str(prefix), "--append-eod",
-                    "--no-progress"], check=True, cwd=REPO, capture_output=True)
-    return f"{prefix}_text_document"
-
-
-def _select(*args):
-    return subprocess.run([sys.executable, str(REPO / "tools" / "select_documents.py"), *map(str, args)],
-                          cwd=REPO, capture_output=True, text=True)
-
-
-def test_subset_is_byte_identical_to_preprocessing_the_chosen_documents(tmp_path):
-    rng = np.random.default_rng(0)
-    texts = ["".join(rng.choice(list("abcdefgh ."), size=int(rng.integers(3, 60)))) + f" doc{i}" for i in range(30)]
-    source = _preprocess(texts, tmp_path / "all")
-    record = dataset_record(source)
-    scores = rng.random(30)
-    write_scores(tmp_path / "s.npz", DocumentScores({"perplexity": scores}, {"dataset": record}))
-    result = _select("--data-path", source, "--scores", tmp_path / "s.npz", "--keep", "high", "--fraction", "0.4",
-                     "--output-prefix", tmp_path / "high")
-    assert result.returncode == 0, result.stderr
-    chosen = np.load(tmp_path / "high.doc_ids.npy")
-    assert chosen.tolist() == sorted(np.argsort(-scores)[:12].tolist())
-    expected = _preprocess([texts[i] for i in chosen], tmp_path / "expected")
-    for ext in (".bin", ".idx"):
-        assert Path(f"{tmp_path / 'high'}{ext}").read_bytes() == Path(expected + ext).read_bytes()
-    manifest = json.loads((tmp_path / "high.selection.json").read_text())
-    assert manifest["counts"]["chosen_documents"] == 12 and manifest["source"]["fingerprint"] == record["fingerprint"]
-    assert manifest["rule"] == {"kind": "high", "fraction": 0.4, "seed": 0}
-    assert manifest["scores"]["column"] == "perplexity"
-
-    again = _select("--data-path", source, "--random", "--fraction", "0.5", "--output-prefix", tmp_path / "high")
-    assert again.returncode == 1 and "--overwrite" in again.stderr
-    other = _preprocess(texts[:29], tmp_path / "other")
-    refused = _select("--data-path", other, "--scores", tmp_path / "s.npz", "--keep", "low", "--fraction", "0.5",
-                      "--output-prefix", tmp_path / "x")
-    assert refused.returncode == 1 and "does not belong to dataset" in refused.stderr
-    assert "30 documents in the scores, 29 in the dataset" in refused.stderr
-    missing = _select("--data-path", source, "--keep", "low", "--output-prefix", tmp_path / "y")
-    assert missing.returncode == 1 and "needs --scores" in missing.stderr
-    assert not list(tmp_path.glob("x.*")) and not list(tmp_path.glob("y.*"))
