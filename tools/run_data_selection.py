@@ -46,6 +46,10 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except subprocess.CalledProcessError as err:  # the step printed its own error
+        print(f"error: {err.cmd[1]} exited with status {err.returncode}; fix the cause and re-run the same "
+              "command: finished steps are skipped", file=sys.stderr)
+        return 1
     table = subset_table(pipeline)
     (pipeline.output / "subsets.md").write_text(table + "\n")
     print(f"\nsubsets ({pipeline.output / 'subsets.md'}):\n{table}\n", flush=True)
