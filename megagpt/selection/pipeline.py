@@ -210,7 +210,7 @@ def subset_table(pipeline: Pipeline) -> str:
 
     scores = read_scores(pipeline.scores)
     perplexity = scores.column("perplexity")
-    lines = ["| subset | rule | documents | tokens | median ref. ppl | corpus ref. ppl |", "|---|---|---|---|---|---|"]
+    lines = ["| subset | rule | documents | tokens | median ref. ppl | subset ref. ppl |", "|---|---|---|---|---|---|"]
     for name in pipeline.spec["variants"]:
         manifest = json.loads(subset_paths(pipeline.subset(name))[0].read_text())
         ids = read_chosen_ids(pipeline.subset(name))
