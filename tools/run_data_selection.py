@@ -19,7 +19,8 @@ import sys
 if __name__ == "__main__":  # run from a checkout without installing: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megagpt.selection.pipeline import REPO, check_experiment, free_port_env, load_pipeline, prepare, subset_table  # noqa: E402
+from megagpt.selection.pipeline import (REPO, check_experiment, free_port_env, load_pipeline, prepare,  # noqa: E402
+                                        subset_table)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -219,5 +219,5 @@ def init_from_weights(module: nn.Module, config: Config, path: str | Path, tp_ra
     return f"initialised the weights from {weights.source}"
 
 
-__all__ = ["DTYPES", "ModelWeights", "add_tokenizer_flags", "build_gpt", "check_weights_fit", "init_from_weights", "load_gpt",
-           "load_weights_into_module", "read_model_weights", "save_model_weights", "tokenizer_from_flags"]
+__all__ = ["DTYPES", "ModelWeights", "add_tokenizer_flags", "build_gpt", "check_weights_fit", "init_from_weights",
+           "load_gpt", "load_weights_into_module", "read_model_weights", "save_model_weights", "tokenizer_from_flags"]

@@ -31,8 +31,8 @@ def test_subset_is_byte_identical_to_preprocessing_the_chosen_documents(tmp_path
     record = dataset_record(source)
     scores = rng.random(30)
     write_scores(tmp_path / "s.npz", DocumentScores({"perplexity": scores}, {"dataset": record}))
-    code, err = _select(capsys, "--data-path", source, "--scores", tmp_path / "s.npz", "--keep", "high", "--fraction", "0.4",
-                     "--output-prefix", tmp_path / "high")
+    code, err = _select(capsys, "--data-path", source, "--scores", tmp_path / "s.npz", "--keep", "high",
+                        "--fraction", "0.4", "--output-prefix", tmp_path / "high")
     assert code == 0, err
     chosen = np.load(tmp_path / "high.doc_ids.npy")
     assert chosen.tolist() == sorted(np.argsort(-scores)[:12].tolist())
@@ -44,11 +44,12 @@ def test_subset_is_byte_identical_to_preprocessing_the_chosen_documents(tmp_path
     assert manifest["rule"] == {"kind": "high", "fraction": 0.4, "seed": 0}
     assert manifest["scores"]["column"] == "perplexity"
 
-    code, err = _select(capsys, "--data-path", source, "--random", "--fraction", "0.5", "--output-prefix", tmp_path / "high")
+    code, err = _select(capsys, "--data-path", source, "--random", "--fraction", "0.5", "--output-prefix",
+                        tmp_path / "high")
     assert code == 1 and "--overwrite" in err
     other = _preprocess(texts[:29], tmp_path / "other")
-    code, err = _select(capsys, "--data-path", other, "--scores", tmp_path / "s.npz", "--keep", "low", "--fraction", "0.5",
-                      "--output-prefix", tmp_path / "x")
+    code, err = _select(capsys, "--data-path", other, "--scores", tmp_path / "s.npz", "--keep", "low",
+                        "--fraction", "0.5", "--output-prefix", tmp_path / "x")
     assert code == 1 and "does not belong to dataset" in err
     assert "30 documents in the scores, 29 in the dataset" in err
     code, err = _select(capsys, "--data-path", source, "--keep", "low", "--output-prefix", tmp_path / "y")
