@@ -80,3 +80,38 @@ def test_torchrun_two_ranks_write_the_same_file_as_one(tmp_path):
     for name in ("tokens", "nll_sum", "perplexity"):
         np.testing.assert_array_equal(a.columns[name], b.columns[name])
     assert b.meta["summary"]["this_run"]["ranks"] == 2
+
+
+def test_gpt2_imported_from_hugging_face_scores_as_transformers_does(tmp_path, capsys):
+    """Per-document NLL of an imported GPT-2 equals the one transformers computes on each document alone."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from megagpt.hf.import_hf import import_hf
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                    initializer_range=0.2)).eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    ckpt = import_hf(tmp_path / "hf", tmp_path / "megagpt")
+    data = _dataset(tmp_path / "d", n=9, vocab=100)
+    assert score_tool.main(["--load", str(ckpt), "--data-path", data, "--output", str(tmp_path / "s.npz"),
+                            "--stride", "16", "--quiet"]) == 0, capsys.readouterr().err
+    scores = read_scores(tmp_path / "s.npz")
+    from megagpt.data.indexed import IndexedDataset
+
+    dataset = IndexedDataset(data)
+    for i in range(dataset.num_documents):
+        doc = torch.as_tensor(dataset.get(i).astype(np.int64))
+        if len(doc) < 2:
+            assert np.isnan(scores.columns["perplexity"][i])
+            continue
+        nll, previous_end, begin = 0.0, 0, 0  # the sliding-window rule: windows of 32, stride 16
+        while previous_end < len(doc) - 1:
+            end = min(begin + 32, len(doc) - 1)
+            with torch.no_grad():
+                logprobs = torch.log_softmax(hf(doc[None, begin:end]).logits[0].double(), dim=-1)
+            targets = doc[begin + 1:end + 1]
+            picked = logprobs.gather(-1, targets[:, None])[:, 0]
+            nll -= float(picked[-(end - previous_end):].sum())
+            previous_end, begin = end, begin + 16
+        assert scores.columns["nll_sum"][i] == pytest.approx(nll, rel=1e-4)
