@@ -1,62 +1,54 @@
-"""The influence test model: a 2-layer byte-sized GPT trained for a moment on documents that count up (mod 60)
-in steps of 1 or 3, and a held-out stream that counts in steps of 1 only, so that documents differ in how much
-they help it."""
+"""Small indexed datasets for the selection tests (helpers handed out as fixtures: tests/ is not a package)."""
 import numpy as np
 import pytest
-import torch
 
-from megagpt.config import ModelConfig
-
-VOCAB, SEQ_LEN = 64, 16
+from megagpt.data.indexed import IndexedDatasetWriter
 
 
-def counting_documents(count: int, seed: int) -> list[np.ndarray]:
+def _write_dataset(prefix, documents, dtype=np.uint16) -> str:
+    with IndexedDatasetWriter(prefix, dtype=dtype) as writer:
+        for doc in documents:
+            writer.add_document(np.asarray(doc))
+    return str(prefix)
+
+
+def _random_documents(n: int, seed: int = 0, vocab: int = 257, max_len: int = 90) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    docs = []
-    for _ in range(count):
-        length, start, step = int(rng.integers(2, 40)), int(rng.integers(0, 60)), int(rng.choice([1, 3]))
-        docs.append((start + step * np.arange(length)) % 60)
-    return docs
+    return [rng.integers(0, vocab, size=int(rng.integers(1, max_len))) for _ in range(n)]
 
 
-def test_config(**overrides) -> ModelConfig:
-    values = dict(vocab_size=VOCAB, seq_len=SEQ_LEN, d_model=32, num_layers=2, num_heads=2,
-                  make_vocab_size_divisible_by=64)
-    return ModelConfig(**(values | overrides))
+@pytest.fixture
+def write_dataset():
+    """``write_dataset(prefix, documents, dtype=uint16) -> prefix``: one document per sequence."""
+    return _write_dataset
 
 
-def train_test_model(steps: int = 60, **overrides):
-    """(model, AdamW optimizer) after ``steps`` steps on ``counting_documents`` (about a second on one thread)."""
+@pytest.fixture
+def random_documents():
+    """``random_documents(n, seed=0, vocab=257, max_len=90)``: lengths 1 .. max_len - 1."""
+    return _random_documents
+
+
+@pytest.fixture
+def small_dataset(tmp_path):
+    docs = _random_documents(40)
+    return _write_dataset(tmp_path / "corpus", docs), docs
+
+
+@pytest.fixture(scope="session")
+def byte_checkpoint(tmp_path_factory):
+    """A consolidated checkpoint of a tiny random byte-level GPT (seq_len 32) that records its tokenizer."""
+    import torch
+
+    from megagpt.config import ModelConfig
+    from megagpt.convert.weights import save_model_weights
     from megagpt.model import GPT
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = GPT(test_config(**overrides))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.99))
-    stream = torch.as_tensor(np.concatenate(counting_documents(400, 1)))
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        starts = torch.randint(0, len(stream) - SEQ_LEN - 1, (8,), generator=generator)
-        batch = torch.stack([stream[s:s + SEQ_LEN + 1] for s in starts])
-        loss = model.loss(model(batch[:, :-1]), batch[:, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    torch.set_num_threads(threads)
-    return model.eval(), optimizer
-
-
-@pytest.fixture(scope="session")
-def trained():
-    return train_test_model()
-
-
-@pytest.fixture(scope="session")
-def documents():
-    return counting_documents(40, 2)
-
-
-@pytest.fixture(scope="session")
-def valid_tokens():
-    return (7 + np.arange(120)) % 60
+    config = ModelConfig(vocab_size=257, seq_len=32, d_model=32, num_layers=2, num_heads=2,
+                         make_vocab_size_divisible_by=64, init_std=0.3)
+    model = GPT(config)
+    out = tmp_path_factory.mktemp("ckpt") / "byte"
+    save_model_weights(model.state_dict(), out, config={"model": config.to_dict(),
+                                                        "tokenizer": {"type": "ByteLevelTokenizer"}})
+    return str(out)
