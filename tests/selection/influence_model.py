@@ -1,8 +1,7 @@
-"""The influence test model: a 2-layer byte-sized GPT trained for a moment on documents that count up (mod 60)
+"""Helpers (not fixtures) for the influence tests. The test model: a 2-layer byte-sized GPT trained for a moment on documents that count up (mod 60)
 in steps of 1 or 3, and a held-out stream that counts in steps of 1 only, so that documents differ in how much
 they help it."""
 import numpy as np
-import pytest
 import torch
 
 from megagpt.config import ModelConfig
@@ -45,18 +44,3 @@ def train_test_model(steps: int = 60, **overrides):
         optimizer.step()
     torch.set_num_threads(threads)
     return model.eval(), optimizer
-
-
-@pytest.fixture(scope="session")
-def trained():
-    return train_test_model()
-
-
-@pytest.fixture(scope="session")
-def documents():
-    return counting_documents(40, 2)
-
-
-@pytest.fixture(scope="session")
-def valid_tokens():
-    return (7 + np.arange(120)) % 60
