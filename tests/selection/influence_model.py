@@ -44,3 +44,35 @@ def train_test_model(steps: int = 60, **overrides):
         optimizer.step()
     torch.set_num_threads(threads)
     return model.eval(), optimizer
+
+
+def run_config(data_path: str, steps: int = 60, **model_overrides) -> dict:
+    """The training config the test checkpoints record (the run ``train_test_model`` stands for)."""
+    return {"model": test_config(**model_overrides).to_dict(), "data": {"data_path": [str(data_path)]},
+            "optimizer": {"kind": "adamw", "lr": 3e-3, "min_lr": 3e-4, "betas": [0.9, 0.99]},
+            "schedule": {"train_iters": steps, "warmup_iters": 5}, "batch": {"micro_batch": 8, "global_batch": 8},
+            "seed": 0}
+
+
+def save_checkpoint(model, optimizer, out, config: dict, step: int):
+    """A consolidated checkpoint of ``model`` with its AdamW moments and scheduler counts at ``step``."""
+    from megagpt.convert.universal import Universal, save_universal
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    moments = {names[id(p)]: {k: optimizer.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+               for group in optimizer.param_groups for p in group["params"]}
+    tokens_per_step = config["batch"]["global_batch"] * config["model"]["seq_len"]
+    universal = Universal(config=config, weights={n: t.detach().clone() for n, t in model.state_dict().items()},
+                          moments=moments, split_dims={n: None for n in names.values()}, optimizer="torch",
+                          step=float(step), client_state={"step": step, "lr_scheduler": {
+                              "steps": step, "tokens": step * tokens_per_step}})
+    return str(save_universal(universal, out))
+
+
+def write_dataset(prefix, documents) -> str:
+    from megagpt.data.indexed import IndexedDatasetWriter
+
+    with IndexedDatasetWriter(prefix) as writer:
+        for doc in documents:
+            writer.add_document(np.asarray(doc))
+    return str(prefix)
