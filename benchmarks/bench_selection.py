@@ -12,8 +12,9 @@ Figures: documents/s and tokens/s of each, their ratio (the goal: fast >= 20x lo
 gradient takes per document and per batch (plus the batch's projected factors ``[batch, seq, k]`` per matrix),
 and the disk per million documents of the score file (``tokens`` int64 and one float64 per column: ``influence``
 and one ``influence_step<N>`` per checkpoint) and, for comparison, of keeping every projected gradient in fp16.
-Timing: ``time.perf_counter`` around each path after one warm-up batch, median of ``--repeats``; on CUDA with
-``torch.cuda.synchronize``. CPU figures are CPU figures: the JSON and the table say which device made them.
+Timing: median of ``--repeats`` after a warm-up; on CUDA wall time (``time.perf_counter``) between
+``torch.cuda.synchronize`` calls, on CPU the process's CPU time on one thread (``time.process_time``: shared
+machines make wall time a measure of the neighbours). CPU figures are CPU figures: the JSON and the table say which device made them.
 
     python benchmarks/bench_selection.py                                  # GPU: a pythia-160m-shaped model
     python benchmarks/bench_selection.py --device cpu --preset tiny       # CPU: a quick, honest ratio
@@ -69,18 +70,23 @@ def loop_scores(model, documents, valid_vector: torch.Tensor) -> np.ndarray:
 
 
 def _time(fn, repeats: int, device) -> float:
+    # CPU: this process's CPU seconds on one thread (the machines here are shared: wall time measures the
+    # neighbours); CUDA: wall time between synchronisations.
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     times = []
     for _ in range(repeats):
         _sync(device)
-        start = time.perf_counter()
+        start = clock()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
 def run(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # CPU time is then the work itself, not threads waiting for each other
     torch.manual_seed(0)
     config = ModelConfig(**PRESETS[args.preset], make_vocab_size_divisible_by=64)
     model = GPT(config).to(device).eval()
