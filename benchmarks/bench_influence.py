@@ -16,8 +16,8 @@ Timing: median of ``--repeats`` after a warm-up; on CUDA wall time (``time.perf_
 ``torch.cuda.synchronize`` calls, on CPU the process's CPU time on one thread (``time.process_time``: shared
 machines make wall time a measure of the neighbours). CPU figures are CPU figures: the JSON and the table say which device made them.
 
-    python benchmarks/bench_selection.py                                  # GPU: a pythia-160m-shaped model
-    python benchmarks/bench_selection.py --device cpu --preset tiny       # CPU: a quick, honest ratio
+    python benchmarks/bench_influence.py                                  # GPU: a pythia-160m-shaped model
+    python benchmarks/bench_influence.py --device cpu --preset tiny       # CPU: a quick, honest ratio
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--projection-dim", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--output", help="JSON file (default: benchmarks/results/selection_<device>.json)")
+    p.add_argument("--output", help="JSON file (default: benchmarks/results/influence_<device>.json)")
     args = p.parse_args(argv)
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     args.preset = args.preset or ("pythia-160m" if on_gpu else "tiny")
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     note = ("" if report["device"].startswith("cuda") else
             "CPU RUN: a CPU ratio of the same code on the same model; not a GPU figure. ")
     report["note"] = note + "fast = projected, batched; loop = per-document full gradients (same model, same run)"
-    output = Path(args.output or REPO / "benchmarks" / "results" / f"selection_{report['device'].split(':')[0]}.json")
+    output = Path(args.output or REPO / "benchmarks" / "results" / f"influence_{report['device'].split(':')[0]}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".partial")
     tmp.write_text(json.dumps(report, indent=1))

@@ -1,14 +1,14 @@
-"""benchmarks/bench_selection.py runs end to end on CPU at the tiniest shape and reports what it promises (no speed
+"""benchmarks/bench_influence.py runs end to end on CPU at the tiniest shape and reports what it promises (no speed
 assertion: CPU figures are not GPU figures, and the ratio is a benchmark's business, not a unit test's)."""
 import json
 
 from testing_utils import load_script
 
-bench = load_script("benchmarks/bench_selection.py")
+bench = load_script("benchmarks/bench_influence.py")
 
 
 def test_cpu_smoke_run_writes_ratio_memory_and_disk(tmp_path, capsys):
-    out = tmp_path / "selection.json"
+    out = tmp_path / "influence.json"
     assert bench.main(["--device", "cpu", "--preset", "tiny", "--doc-tokens", "16", "--documents", "8",
                        "--loop-documents", "2", "--repeats", "1", "--output", str(out)]) == 0
     report = json.loads(out.read_text())
