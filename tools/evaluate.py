@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from megagpt.data.tokenizers import TOKENIZER_ALIASES
-from megagpt.engine import ranks_from_env
+from megagpt.convert.weights import add_tokenizer_flags, tokenizer_from_flags
 from megagpt.evaluation import (EvalSettings, EvalTasks, check_lengths, checkpoint_home, checkpoint_step,
                                 evaluate_model, format_table, plot_sweep, setup_shard, teardown, write_json)
+from megagpt.evaluation.distributed import run_command
 from megagpt.evaluation.runner import DEFAULT_SPLIT, RESULTS_FILE
 from megagpt.evaluation.tasks import MC_FORMATS
 
@@ -65,12 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--max-windows", type=int, help="text/data: score only the first N windows")
     g.add_argument("--limit", type=int, help="LAMBADA/multiple choice: only the first N examples")
-    g = p.add_argument_group("tokenizer (default: the checkpoint config's tokenizer section)")
-    g.add_argument("--tokenizer-type", choices=sorted(TOKENIZER_ALIASES))
-    g.add_argument("--vocab-file")
-    g.add_argument("--merge-file")
-    g.add_argument("--tokenizer-file")
-    g.add_argument("--eod-token")
+    add_tokenizer_flags(p)
     g = p.add_argument_group("output")
     g.add_argument("--output", help=f"results JSON (default: {RESULTS_FILE} in the checkpoint's directory)")
     g.add_argument("--plot", help="PNG of metrics against sequence length (default with a sweep: output .png)")
@@ -93,8 +88,7 @@ def _mc_tasks(args) -> list[tuple[str, str]]:
 
 def _tokenizer(args, weights, needed: bool):
     """The --tokenizer-* flags if given, else the checkpoint config's tokenizer section (None if not needed)."""
-    return weights.build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_file,
-                                   args.eod_token, required=needed)
+    return tokenizer_from_flags(weights, args, required=needed)
 
 
 def evaluate(argv=None) -> dict:
@@ -155,13 +149,7 @@ def evaluate(argv=None) -> dict:
 
 def main(argv=None) -> int:
     """``evaluate`` with input errors printed as one line (exit status 1) instead of a traceback."""
-    try:
-        evaluate(argv)
-    except (ValueError, FileExistsError) as err:
-        if ranks_from_env()[0] == 0:  # every rank fails alike; one message is enough
-            print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(evaluate, argv)
 
 
 if __name__ == "__main__":

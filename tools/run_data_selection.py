@@ -62,7 +62,36 @@ def main(argv=None) -> int:
         command += ["--set", override]
     if args.eval_max_windows is not None:
         command += ["--eval-max-windows", str(args.eval_max_windows)]
-    return subprocess.run(command, env=free_port_env()).returncode
+    status = subprocess.run(command, env=free_port_env()).returncode
+    if status == 0:
+        evaluate_initial(pipeline, args)
+    return status
+
+
+def evaluate_initial(pipeline, args) -> None:
+    """The baseline row: the initial (reference) checkpoint on the same held-out sets with the same settings."""
+    import importlib.util
+    import json
+
+    from megagpt.experiment import comparison_table, load_experiment
+
+    spec = importlib.util.spec_from_file_location("run_data_experiment", REPO / "tools" / "run_data_experiment.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    experiment = load_experiment(pipeline.experiment, args.overrides)
+    eval_spec = dict(experiment.eval)
+    if args.eval_max_windows is not None:
+        eval_spec["max_windows"] = args.eval_max_windows
+    output = pipeline.output / "runs" / "initial_eval.json"
+    if not output.exists():
+        subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"),
+                        *runner._eval_args(eval_spec, pipeline.reference, output, args.device)],
+                       check=True, env=free_port_env())
+    results = {name: json.loads((pipeline.output / "runs" / name / "eval.json").read_text())["results"]
+               for name in experiment.configs}
+    table = comparison_table({"initial (no training)": json.loads(output.read_text())["results"], **results})
+    (pipeline.output / "comparison_with_initial.md").write_text(table + "\n")
+    print(f"\nwith the initial checkpoint ({pipeline.output / 'comparison_with_initial.md'}):\n{table}", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ if __name__ == "__main__":  # run from a checkout without installing: the reposi
 
 import torch  # noqa: E402
 
-from megagpt.data.tokenizers import TOKENIZER_ALIASES  # noqa: E402
-from megagpt.engine import ranks_from_env  # noqa: E402
-from megagpt.evaluation import check_lengths, setup_shard, teardown  # noqa: E402
+from megagpt.convert.weights import add_tokenizer_flags, tokenizer_from_flags  # noqa: E402
+from megagpt.evaluation import check_lengths  # noqa: E402
+from megagpt.evaluation.distributed import run_command, shard_session  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -45,12 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("auto", *sorted(DTYPES)), default="auto",
                    help="model dtype (auto: bfloat16 on CUDA, float32 on CPU); logits are float32")
     p.add_argument("--attention-backend", help="override the config's (sdpa, reference, triton, flex, flash)")
-    g = p.add_argument_group("tokenizer (default: the checkpoint config's tokenizer section)")
-    g.add_argument("--tokenizer-type", choices=sorted(TOKENIZER_ALIASES))
-    g.add_argument("--vocab-file")
-    g.add_argument("--merge-file")
-    g.add_argument("--tokenizer-file")
-    g.add_argument("--eod-token")
+    add_tokenizer_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs / discard another run's parts")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed's launcher
@@ -69,12 +64,10 @@ def score(argv=None) -> dict:
     outputs = ScoreOutputs(Path(args.output))
     outputs.check_free(args.overwrite)
     dataset = open_dataset(args.data_path)
-    shard = setup_shard(args.device)
-    try:
+    with shard_session(args.device) as shard:
         started = time.time()
         weights = read_model_weights(args.load, args.model_config)
-        tokenizer = weights.build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file,
-                                            args.tokenizer_file, args.eod_token, required=False)
+        tokenizer = tokenizer_from_flags(weights, args, required=False)
         tokenizer_check = check_tokenizer_fits(weights, dataset, tokenizer)
         seq_length = args.seq_length or weights.model_config.seq_len
         settings = ScoreSettings(seq_length, args.stride or seq_length, args.batch_size)
@@ -98,22 +91,12 @@ def score(argv=None) -> dict:
                   f"perplexity {summary['corpus_perplexity']}; per-document median {q.get('q50')}, "
                   f"q05 {q.get('q05')}, q95 {q.get('q95')}\nwrote {outputs.scores}, {outputs.summary.name}, "
                   f"{outputs.histogram.name}", flush=True)
-    except BaseException:
-        teardown(shard, failed=True)
-        raise
-    teardown(shard)
     return summary
 
 
 def main(argv=None) -> int:
     """``score`` with input errors printed as one line (exit status 1) instead of a traceback."""
-    try:
-        score(argv)
-    except (ValueError, FileExistsError) as err:
-        if ranks_from_env()[0] == 0:
-            print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(score, argv)
 
 
 if __name__ == "__main__":

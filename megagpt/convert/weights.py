@@ -65,6 +65,23 @@ class ModelWeights:
         return tokenizer
 
 
+def add_tokenizer_flags(parser) -> None:
+    """The ``--tokenizer-type/--vocab-file/--merge-file/--tokenizer-file/--eod-token`` flags of a tool that reads
+    a checkpoint: they replace the tokenizer its config records (``tokenizer_from_flags``)."""
+    from megagpt.data.tokenizers import TOKENIZER_ALIASES
+
+    group = parser.add_argument_group("tokenizer (default: the checkpoint config's tokenizer section)")
+    group.add_argument("--tokenizer-type", choices=sorted(TOKENIZER_ALIASES))
+    for flag in ("--vocab-file", "--merge-file", "--tokenizer-file", "--eod-token"):
+        group.add_argument(flag)
+
+
+def tokenizer_from_flags(weights: "ModelWeights", args, required: bool):
+    """``weights.build_tokenizer`` from the ``add_tokenizer_flags`` flags in ``args``."""
+    return weights.build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_file,
+                                   args.eod_token, required=required)
+
+
 def _read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -202,5 +219,5 @@ def init_from_weights(module: nn.Module, config: Config, path: str | Path, tp_ra
     return f"initialised the weights from {weights.source}"
 
 
-__all__ = ["DTYPES", "ModelWeights", "build_gpt", "check_weights_fit", "init_from_weights", "load_gpt",
-           "load_weights_into_module", "read_model_weights", "save_model_weights"]
+__all__ = ["DTYPES", "ModelWeights", "add_tokenizer_flags", "build_gpt", "check_weights_fit", "init_from_weights", "load_gpt",
+           "load_weights_into_module", "read_model_weights", "save_model_weights", "tokenizer_from_flags"]

@@ -9,6 +9,8 @@ on the number of ranks.
 from __future__ import annotations
 
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,3 +78,29 @@ def teardown(shard: Shard, failed: bool = False) -> None:
             if not failed:
                 dist.barrier()
             dist.destroy_process_group()
+
+
+def run_command(command, argv=None) -> int:
+    """A data-parallel tool's ``main``: ``command(argv)`` with input errors (ValueError, FileExistsError) printed
+    as one line by rank 0 (every rank fails alike) and exit status 1, instead of a traceback per rank."""
+    from megagpt.engine import ranks_from_env
+
+    try:
+        command(argv)
+    except (ValueError, FileExistsError) as err:
+        if ranks_from_env()[0] == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+@contextmanager
+def shard_session(device: str = "auto"):
+    """``setup_shard`` on entry, ``teardown`` on exit (without the final barrier after an exception)."""
+    shard = setup_shard(device)
+    try:
+        yield shard
+    except BaseException:
+        teardown(shard, failed=True)
+        raise
+    teardown(shard)

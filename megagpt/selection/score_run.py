@@ -70,21 +70,23 @@ def _barrier(shard: Shard) -> None:
         dist.barrier()
 
 
-def _prepare_parts(outputs: ScoreOutputs, identity: dict, overwrite: bool) -> int:
-    """Create the work folder or check that the one there is for the same job; returns the chunks already done."""
+def _prepare_parts(outputs: ScoreOutputs, identity: dict, overwrite: bool, is_main: bool) -> int:
+    """Create the work folder or check that the one there is for the same job; returns the chunks already done.
+    Every rank checks (so a refusal stops all of them before any collective); rank 0 alone writes."""
     manifest = outputs.parts / MANIFEST
     if manifest.exists():
         previous = json.loads(manifest.read_text())
-        if previous != identity:
-            if not overwrite:
-                differ = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-                raise ValueError(f"{outputs.parts} holds a scoring run with other {differ} (manifest {manifest}); "
-                                 "pass --overwrite to discard it and start again, or re-run with its settings")
-            shutil.rmtree(outputs.parts)
-        else:
+        if previous == identity:
             return len(list(outputs.parts.glob("chunk_*.npz")))
-    outputs.parts.mkdir(parents=True, exist_ok=True)
-    write_json(identity, manifest, overwrite=True)
+        if not overwrite:
+            differ = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+            raise ValueError(f"{outputs.parts} holds a scoring run with other {differ} (manifest {manifest}); "
+                             "pass --overwrite to discard it and start again, or re-run with its settings")
+        if is_main:
+            shutil.rmtree(outputs.parts)
+    if is_main:
+        outputs.parts.mkdir(parents=True, exist_ok=True)
+        write_json(identity, manifest, overwrite=True)
     return 0
 
 
@@ -117,7 +119,7 @@ def run_scoring(model: torch.nn.Module, dataset: IndexedDataset, record: dict, o
     started = time.time()
     identity = {"format": FORMAT, "dataset": record, "checkpoint": checkpoint,
                 "settings": dataclasses.asdict(settings), "chunk_documents": chunk_documents}
-    done = _prepare_parts(outputs, identity, overwrite) if shard.is_main else 0
+    done = _prepare_parts(outputs, identity, overwrite, shard.is_main)
     _barrier(shard)
     total = dataset.num_documents
     chunks = [(b, min(b + chunk_documents, total)) for b in range(0, total, chunk_documents)]
