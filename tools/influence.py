@@ -28,9 +28,8 @@ if __name__ == "__main__":  # run from a checkout without installing: the reposi
 
 import torch  # noqa: E402
 
-from megagpt.data.tokenizers import TOKENIZER_ALIASES  # noqa: E402
-from megagpt.engine import ranks_from_env  # noqa: E402
-from megagpt.evaluation import setup_shard, teardown  # noqa: E402
+from megagpt.convert.weights import add_tokenizer_flags, tokenizer_from_flags  # noqa: E402
+from megagpt.evaluation.distributed import run_command, shard_session  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -61,12 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="model dtype (gradients are projected and summed in float32/float64)")
-    g = p.add_argument_group("tokenizer for --valid-text-file (default: the checkpoint config's tokenizer section)")
-    g.add_argument("--tokenizer-type", choices=sorted(TOKENIZER_ALIASES))
-    g.add_argument("--vocab-file")
-    g.add_argument("--merge-file")
-    g.add_argument("--tokenizer-file")
-    g.add_argument("--eod-token")
+    add_tokenizer_flags(p)  # for --valid-text-file and the token-range checks
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs / discard another run's parts")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed's launcher
@@ -89,13 +83,11 @@ def influence(argv=None) -> dict | None:
     outputs.check_free(args.overwrite)
     dataset = open_dataset(args.data_path)
     refs = list_checkpoints(args.checkpoints, parse_steps(args.steps))
-    shard = setup_shard(args.device)
-    try:
+    with shard_session(args.device) as shard:
         started = time.time()
         first = load_checkpoint(refs[0])  # weights only: the checks below need the model and its tokenizer
         weights = first.weights
-        tokenizer = weights.build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file,
-                                            args.tokenizer_file, args.eod_token, required=False)
+        tokenizer = tokenizer_from_flags(weights, args, required=False)
         tokenizer_check = check_tokenizer_fits(weights, dataset, tokenizer)
         if args.valid_data_path is not None:
             check_tokenizer_fits(weights, open_dataset(args.valid_data_path, "--valid-data-path"), tokenizer)
@@ -123,22 +115,12 @@ def influence(argv=None) -> dict | None:
                   f"q05 {q.get('q05')}, q95 {q.get('q95')}, positive {q.get('positive_fraction')}; projected gradient "
                   f"{summary['gradient_dim']:,} floats ({summary['bytes_per_document']:,} bytes) per document\n"
                   f"wrote {outputs.scores}, {outputs.summary.name}, {outputs.histogram.name}", flush=True)
-    except BaseException:
-        teardown(shard, failed=True)
-        raise
-    teardown(shard)
     return summary
 
 
 def main(argv=None) -> int:
     """``influence`` with input errors printed as one line (exit status 1) instead of a traceback."""
-    try:
-        influence(argv)
-    except (ValueError, FileExistsError) as err:
-        if ranks_from_env()[0] == 0:
-            print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(influence, argv)
 
 
 if __name__ == "__main__":

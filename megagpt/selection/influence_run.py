@@ -176,8 +176,7 @@ def run_influence(refs: list[CheckpointRef], dataset, record: dict, validation, 
     identity = {"format": FORMAT, "kind": "influence", "dataset": record, "validation": validation.record,
                 "checkpoints": [{"path": r.path, "step": r.step} for r in refs],
                 "settings": dataclasses.asdict(settings), "chunk_documents": chunk_documents}
-    if shard.is_main:
-        _prepare_parts(outputs, identity, overwrite)
+    _prepare_parts(outputs, identity, overwrite, shard.is_main)  # every rank checks, rank 0 writes
     _barrier(shard)
     total = dataset.num_documents
     chunks = [(b, min(b + chunk_documents, total)) for b in range(0, total, chunk_documents)]
