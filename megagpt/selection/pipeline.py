@@ -8,7 +8,9 @@ A pipeline file (JSON; ``configs/experiments/data-selection/pipeline.json``)::
      "reference": {"config": "reference.json"},        # trained on the train split; or {"checkpoint": "out/gpt2"}
      "score": ["--batch-size", "16"],                  # extra tools/score_documents.py flags
      "token_budget": 250000, "seed": 1,
-     "variants": {"random": ["--random"], "low": ["--keep", "low"], ...},   # tools/select_documents.py rules
+     "variants": {"random": ["--random"], "low": ["--keep", "low"], ...,   # tools/select_documents.py rules
+                  "influence": {"scores": "influence", "rule": ["--keep", "high"]}},  # on the influence scores
+     "influence": ["--batch-size", "16"],             # extra tools/influence.py flags (optional)
      "experiment": "experiment.json", "output": "out/data-selection"}
 
 Steps (each skipped when its output is already there, so re-running the command resumes):
@@ -21,6 +23,9 @@ Steps (each skipped when its output is already there, so re-running the command 
 3. the reference (and initial) model: ``reference.config`` trained on ``train`` into ``OUTPUT/reference``
    (``reference.checkpoint``: an existing one, e.g. GPT-2 imported from Hugging Face);
 4. ``tools/score_documents.py`` scores the pool with it: ``OUTPUT/scores/pool.ppl.npz`` (+ summary, histogram);
+4b. when a variant selects by influence: ``tools/influence.py`` scores the pool by TracIn influence (over the reference
+   run's saved checkpoints) on the corpus's ``valid`` split: ``OUTPUT/scores/pool.influence.npz``. The ``valid``
+   split is held out from training like ``test``, and the experiment evaluates on ``test``: selection never sees it;
 5. ``tools/select_documents.py`` writes one subset per variant at ``token_budget`` tokens:
    ``OUTPUT/subsets/<variant>``; the experiment's variants must train on exactly these;
 6. ``tools/run_data_experiment.py`` continues pretraining the reference checkpoint on each subset
@@ -39,8 +44,9 @@ import numpy as np
 
 from megagpt.config._fields import read_json_file
 
-PIPELINE_KEYS = ("description", "corpus", "pool_documents", "reference", "score", "token_budget", "seed", "variants",
-                 "experiment", "output")
+PIPELINE_KEYS = ("description", "corpus", "pool_documents", "reference", "score", "influence", "token_budget", "seed",
+                 "variants", "experiment", "output")
+SCORE_KINDS = ("perplexity", "influence")  # which score file a variant's rule reads
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
@@ -76,6 +82,18 @@ class Pipeline:
     def scores(self) -> Path:
         return self.output / "scores" / "pool.ppl.npz"
 
+    @property
+    def influence_scores(self) -> Path:
+        return self.output / "scores" / "pool.influence.npz"
+
+    def variant_rule(self, name: str) -> tuple[str, list[str]]:
+        """(score kind, tools/select_documents.py flags) of variant ``name``."""
+        rule = self.spec["variants"][name]
+        return ("perplexity", rule) if isinstance(rule, list) else (rule["scores"], rule["rule"])
+
+    def scores_for(self, kind: str) -> Path:
+        return self.influence_scores if kind == "influence" else self.scores
+
     def subset(self, variant: str) -> str:
         return str(self.output / "subsets" / variant)
 
@@ -106,6 +124,13 @@ def load_pipeline(path: str | Path) -> Pipeline:
         raise ValueError(f"{path}: token_budget must be a positive integer, got {spec['token_budget']!r}")
     if not isinstance(spec["variants"], dict) or len(spec["variants"]) < 2:
         raise ValueError(f"{path}: variants must map at least two names to tools/select_documents.py rule flags")
+    for name, rule in spec["variants"].items():
+        if isinstance(rule, dict) and (set(rule) != {"scores", "rule"} or rule["scores"] not in SCORE_KINDS
+                                       or not isinstance(rule["rule"], list)):
+            raise ValueError(f"{path}: variant {name!r}: give rule flags as a list, or {{\"scores\": one of "
+                             f"{list(SCORE_KINDS)}, \"rule\": [flags]}}; got {rule!r}")
+        if not isinstance(rule, (list, dict)):
+            raise ValueError(f"{path}: variant {name!r}: rule flags must be a list, got {rule!r}")
     return Pipeline(path, spec)
 
 
@@ -195,27 +220,40 @@ def prepare(pipeline: Pipeline, device: str = "auto") -> None:
     if not pipeline.scores.exists():
         _run([sys.executable, _tool("score_documents.py"), "--load", str(reference), "--data-path", pipeline.pool,
               "--output", str(pipeline.scores), "--device", device, *spec.get("score", [])], "score the pool")
-    for name, rule in spec["variants"].items():
+    kinds = {pipeline.variant_rule(name)[0] for name in spec["variants"]}
+    if "influence" in kinds and not pipeline.influence_scores.exists():
+        _run([sys.executable, _tool("influence.py"), "--checkpoints", str(reference), "--data-path", pipeline.pool,
+              "--valid-data-path", pipeline.corpus, "--valid-split", corpus["split"], "--valid-split-name", "valid",
+              "--output", str(pipeline.influence_scores), "--device", device, *spec.get("influence", [])],
+             "influence of the pool on the valid split")
+    for name in spec["variants"]:
+        kind, rule = pipeline.variant_rule(name)
         if not dataset_exists(pipeline.subset(name)):
-            flags = [] if "--random" in rule else ["--scores", str(pipeline.scores)]
+            flags = [] if "--random" in rule else ["--scores", str(pipeline.scores_for(kind))]
             _run([sys.executable, _tool("select_documents.py"), "--data-path", pipeline.pool, *flags, *rule,
                   "--token-budget", str(spec["token_budget"]), "--seed", str(spec.get("seed", 0)),
                   "--output-prefix", pipeline.subset(name)], f"select {name}")
 
 
 def subset_table(pipeline: Pipeline) -> str:
-    """A Markdown table of the subsets: documents, tokens, and their reference perplexity (median, mean)."""
+    """A Markdown table of the subsets: documents, tokens, their reference perplexity (median, mean) and, when the
+    pool was scored by influence, their summed influence on the valid split."""
     from megagpt.selection.scores import read_scores
     from megagpt.selection.subset import read_chosen_ids, subset_paths
 
     scores = read_scores(pipeline.scores)
     perplexity = scores.column("perplexity")
-    lines = ["| subset | rule | documents | tokens | median ref. ppl | subset ref. ppl |", "|---|---|---|---|---|---|"]
+    influence = (read_scores(pipeline.influence_scores).column("influence")
+                 if pipeline.influence_scores.exists() else None)
+    lines = ["| subset | rule | documents | tokens | median ref. ppl | subset ref. ppl |"
+             + (" summed influence |" if influence is not None else ""),
+             "|---|---|---|---|---|---|" + ("---|" if influence is not None else "")]
     for name in pipeline.spec["variants"]:
         manifest = json.loads(subset_paths(pipeline.subset(name))[0].read_text())
         ids = read_chosen_ids(pipeline.subset(name))
         nll, tokens = scores.columns["nll_sum"][ids].sum(), scores.columns["tokens"][ids].sum()
         values = perplexity[ids][np.isfinite(perplexity[ids])]
         lines.append(f"| {name} | {manifest['rule']} | {len(ids):,} | {manifest['output']['tokens']:,} | "
-                     f"{np.median(values):.3f} | {np.exp(nll / tokens):.3f} |")
+                     f"{np.median(values):.3f} | {np.exp(nll / tokens):.3f} |"
+                     + (f" {np.nansum(influence[ids]):.4g} |" if influence is not None else ""))
     return "\n".join(lines)

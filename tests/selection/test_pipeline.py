@@ -14,7 +14,7 @@ def test_shipped_pipeline_matches_its_experiment():
     pipeline = load_pipeline(SHIPPED)
     experiment = load_experiment(pipeline.experiment)
     check_experiment(pipeline, experiment)
-    assert set(experiment.configs) == {"random", "low", "middle", "high"}
+    assert set(experiment.configs) == {"random", "low", "middle", "high", "influence"}
     assert pipeline.pool == "out/data-selection/data/pool" and pipeline.train == "out/data-selection/data/train"
     # the held-out split is the corpus's test split under the split the train documents came from
     assert experiment.eval["split"] == pipeline.spec["corpus"]["split"] and experiment.eval["split_name"] == "test"
@@ -50,3 +50,12 @@ def test_experiment_must_train_on_the_pipelines_subsets(tmp_path):
     experiment = load_experiment(REPO / "configs" / "experiments" / "data-selection" / "experiment.json")
     with pytest.raises(ValueError, match="not its subset"):
         check_experiment(pipeline, experiment)
+
+
+def test_variants_choose_their_score_file(tmp_path):
+    pipeline = load_pipeline(SHIPPED)
+    assert pipeline.variant_rule("influence") == ("influence", ["--keep", "high"])
+    assert pipeline.variant_rule("low") == ("perplexity", ["--keep", "low"])
+    assert pipeline.scores_for("influence").name == "pool.influence.npz"
+    with pytest.raises(ValueError, match="variant 'x': give rule flags as a list"):
+        load_pipeline(_write(tmp_path, variants={"random": ["--random"], "x": {"scores": "loss", "rule": []}}))
