@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # One device call proves megagpt's GPU path, everything written under $OUT so that one call brings it all back:
+#   0. benchmarks/smoke_train.py: megagpt/pretrain.py trains a tiny model 20 steps, stopped at 10 and resumed, on the
+#      device (bf16, ZeRO-1): the loop gets past step 1, evaluates, saves, and resumes bit for bit (docs/gpu.md);
 #   1. build the C++ helpers; run tests/gpu (kernels and model on CUDA: bf16/fp16, head dims 64/128, odd lengths up to
 #      8,192, forward and backward against float64 references) and tests/data/test_helpers.py (C++ vs numpy);
 #   2. benchmarks/bench_attention.py: causal bf16, head dim 128, 16k tokens per call, lengths 512 - 8k, every backend,
@@ -10,16 +12,16 @@
 #
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh          # GPU machine, project root; fits in --budget-s (480)
 #   OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh --dry      # CPU, toy sizes, Triton interpreter: proves the script
-# Options: --parts build,tests,attention,train (default: all), --budget-s SECONDS (default 480; --dry 1500), --overwrite.
+# Options: --parts build,smoke,tests,attention,train (default: all), --budget-s SECONDS (default 480; --dry 1500), --overwrite.
 # A GPU image without deepspeed / bitsandbytes / ftfy: ship .whl/ (../shared/gpu/wheelhouse.sh); it is installed with
 # --target into $MEGAGPT_SITE (default /tmp/megagpt-site), never over the image's own torch.
 # Exit status: 0 when every part passed, 1 when one failed or ran out of time (the others still run), 2 for bad usage.
 set -uo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
-DRY=0; PARTS=build,tests,attention,train; BUDGET=""; OVERWRITE=0
+DRY=0; PARTS=build,smoke,tests,attention,train; BUDGET=""; OVERWRITE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry) DRY=1 ;;
@@ -32,7 +34,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 for part in ${PARTS//,/ }; do
-  case "$part" in build|tests|attention|train) ;; *) echo "gpu_check.sh: --parts: unknown part '$part'" >&2; exit 2 ;; esac
+  case "$part" in build|smoke|tests|attention|train) ;; *) echo "gpu_check.sh: --parts: unknown part '$part'" >&2; exit 2 ;; esac
 done
 [ -n "$BUDGET" ] || BUDGET=$([ "$DRY" = 1 ] && echo 1500 || echo 480)  # a 2-core CPU is slow at the dry run
 # Caps per part (seconds): tests, attention, one training case. The interpreter on a shared CPU needs more.
@@ -47,7 +49,7 @@ if [ "$DRY" = 0 ] && ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda
   echo "gpu_check.sh: torch sees no CUDA device here; use --dry for the CPU rehearsal" >&2; exit 2
 fi
 # --overwrite: nothing of the earlier check may pass for this one's
-rm -rf "$OUT/summary.json" "$OUT/logs" "$OUT/train" "$OUT/attention.json" "$OUT/tests.xml" "$OUT/versions.json" \
+rm -rf "$OUT/summary.json" "$OUT/logs" "$OUT/smoke" "$OUT/train" "$OUT/attention.json" "$OUT/tests.xml" "$OUT/versions.json" \
   "$OUT/device.txt"
 mkdir -p "$OUT/logs" || exit 2
 START=$(date +%s)
@@ -132,6 +134,10 @@ if has_part build; then
     run_part build "$(min 120 "$(left)")" "$PYTHON" setup.py -q build_ext --inplace
   fi
 fi
+if has_part smoke; then  # the training loop itself first: everything after it assumes it runs
+  run_part smoke "$(min 120 "$(left 200)")" "$PYTHON" benchmarks/smoke_train.py --output "$OUT/smoke" \
+    --device "$([ "$DRY" = 1 ] && echo cpu || echo cuda)" --precision bf16
+fi
 if has_part tests; then
   run_part tests "$(min "${CAPS[0]}" "$(left 300)")" "$PYTHON" -m pytest -v -rA -p no:cacheprovider --junitxml "$OUT/tests.xml" \
     tests/gpu tests/data/test_helpers.py
@@ -163,14 +169,14 @@ FAILED=0
   echo "  \"date\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\","
   echo "  \"parts\": {"
   sep=""
-  for part in build tests attention train; do
+  for part in build smoke tests attention train; do
     has_part "$part" || continue
     [ "${STATUS[$part]}" = ok ] || FAILED=1
     printf '%s    "%s": {"status": "%s", "seconds": %s, "log": "logs/%s.log"}' "$sep" "$part" "${STATUS[$part]}" \
       "${SECONDS_TAKEN[$part]}" "$part"
     sep=$',\n'
   done
-  printf '\n  },\n  "files": ["device.txt", "versions.json", "tests.xml", "attention.json", "train/train.json"]\n}\n'
+  printf '\n  },\n  "files": ["device.txt", "versions.json", "smoke/smoke.json", "tests.xml", "attention.json", "train/train.json"]\n}\n'
 } >"$OUT/summary.json.partial" && mv "$OUT/summary.json.partial" "$OUT/summary.json"
 echo "================ gpu_check summary ($([ "$DRY" = 1 ] && echo 'DRY RUN on CPU: NOT GPU figures' || echo GPU)) ================"
 cat "$OUT/summary.json"

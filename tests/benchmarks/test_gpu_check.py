@@ -51,7 +51,9 @@ def test_dry_run_runs_every_part_and_brings_back_everything(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry"] is True
     assert {name: part["status"] for name, part in summary["parts"].items()} == dict.fromkeys(
-        ["build", "tests", "attention", "train"], "ok")
+        ["build", "smoke", "tests", "attention", "train"], "ok")
+    smoke = json.loads((out / "smoke" / "smoke.json").read_text())
+    assert smoke["ok"] and smoke["resume_identical"] and smoke["steps_logged"] == {"whole": 20, "split": 20}
     assert "DRY RUN on CPU: NOT GPU figures" in result.stdout
     versions = json.loads((out / "versions.json").read_text())
     assert versions["torch"] == torch.__version__ and versions["deepspeed"] and versions["transformers"]
