@@ -153,10 +153,16 @@ def largest_token_id(prefix: str | os.PathLike, cache_dir: str | os.PathLike | N
     from megagpt.data.indexed import data_file_path, index_file_path
 
     directory = os.fspath(cache_dir) if cache_dir is not None else (os.path.dirname(prefix) or ".")
-    os.makedirs(directory, exist_ok=True)
     cache = os.path.join(directory, os.path.basename(prefix) + SCAN_SUFFIX)
     key = {p: [os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in (data_file_path(prefix), index_file_path(prefix))}
-    with open(cache + ".lock", "w") as lock:
+    try:
+        os.makedirs(directory, exist_ok=True)
+        lock = open(cache + ".lock", "w")
+    except OSError as err:  # a read-only data directory: scan every time, and say so
+        print(f"note: cannot cache the largest token id of {prefix} in {directory} ({err}); scanning it "
+              "(set data.cache_dir to a writable directory to scan once)", flush=True)
+        return _scan_largest_id(prefix)
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             with open(cache) as f:
