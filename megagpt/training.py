@@ -18,11 +18,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megagpt.checkpoint import latest_tag, load_checkpoint, save_checkpoint
+from megagpt.checkpoint import NonFiniteWeights, load_checkpoint, save_checkpoint, weights_are_finite
+from megagpt.checkpoint_dir import latest_tag
 from megagpt.config import Config
 from megagpt.convert.universal import is_universal_dir
 from megagpt.engine import Launch
 from megagpt.optim import LRSchedule, LRScheduler, SeqLenSchedule, SeqLenWarmup
+from megagpt.stability import NonFiniteGuard
 
 
 CLIENT_STATE_KEY = "megagpt"
@@ -202,8 +204,14 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
     sync = torch.cuda.synchronize if launch.device.type == "cuda" else None
     grad_accum = config.batch.gradient_accumulation(dp_size)
 
+    stability = config.stability
+    guard = NonFiniteGuard(engine, stability.max_consecutive_skips, _any_rank, enabled=stability.skip_non_finite)
+
     def save() -> None:
         if save_dir is not None:
+            if _any_rank(not weights_are_finite(engine)):  # never write, and never rotate in, a broken state
+                raise NonFiniteWeights(f"the weights at step {state.step} are not finite on some rank: no checkpoint "
+                                       f"written; the last good one is {_last_good(save_dir)}")
             # one key of our own: DeepSpeed drops client keys that clash with its own (e.g. "lr_scheduler")
             client_state = {CLIENT_STATE_KEY: {
                 "loader": loader.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
@@ -219,10 +227,11 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
         saved_at = state.step
         pipeline, pipeline_len = _is_pipeline(engine), None
         while state.step < config.schedule.train_iters:
-            seq_len = warmup.seq_len
+            seq_len, warmup_state = warmup.seq_len, warmup.state_dict()
             full = torch.from_numpy(np.concatenate(loader.next_step()))
             micro_batches = warmup.next_batch(full).chunk(grad_accum)  # repack keeps samples in order
             step_tokens = config.batch.global_batch * (config.model.seq_len // seq_len) * seq_len
+            schedules_before = (lr_scheduler.state_dict(), warmup_state)  # restored if the step is skipped
             lr = lr_scheduler.step(step_tokens, engine.optimizer)
             step_losses, plain_norm = [], None
             if pipeline:
@@ -234,20 +243,30 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
             for rows in (() if pipeline else micro_batches):
                 loss = micro_loss(engine, rows, launch.device)
                 engine.backward(loss)
-                if (engine.is_gradient_accumulation_boundary() and logger.is_log_step(state.step + 1)
-                        and _plain_fp32_engine(engine)):
-                    # reduced, not yet clipped: what ZeRO reports
-                    plain_norm = _grad_norm(engine.module, groups.tp_group if groups.topology.tp > 1 else None)
+                guard.observe_loss(loss)
+                if engine.is_gradient_accumulation_boundary():
+                    guard.decide()  # once per optimizer step: any rank non-finite -> every rank skips
+                    if logger.is_log_step(state.step + 1) and _plain_fp32_engine(engine):
+                        # reduced, not yet clipped: what ZeRO reports
+                        plain_norm = _grad_norm(engine.module, groups.tp_group if groups.topology.tp > 1 else None)
                 engine.step()
                 step_losses.append(loss.detach())
             state.step += 1
-            state.tokens += step_tokens
-            timer.add_tokens(step_tokens)
-            # kept on the device: reading it back (.item()) every step would sync the GPU each step
-            losses.append(torch.stack(step_losses).float().mean())
+            if guard.finish_step(state.step, _last_good(save_dir)):
+                # weights and optimizer untouched; the schedules go back to where this step found them
+                lr_scheduler.load_state_dict(schedules_before[0])
+                warmup.load_state_dict(schedules_before[1])
+                logger.log_skip(state.step, guard.skipped_total, guard.consecutive)
+            else:
+                state.tokens += step_tokens
+                timer.add_tokens(step_tokens)
+                # kept on the device: reading it back (.item()) every step would sync the GPU each step
+                losses.append(torch.stack(step_losses).float().mean())
 
             if logger.is_log_step(state.step):
-                loss_avg = _mean_over_ranks(float(np.mean([x.item() for x in losses])), launch.world_size)
+                # a window of skipped steps only has no loss to report
+                loss_avg = _mean_over_ranks(float(np.mean([x.item() for x in losses])) if losses else math.nan,
+                                            launch.world_size)
                 tokens_per_sec, _ = timer.lap()
                 fpt = flops_per_token(config.model, seq_len)
                 tflops = tflops_per_device(tokens_per_sec, launch.world_size, fpt)
@@ -274,6 +293,12 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
     return state
 
 
+def _last_good(save_dir: str | None) -> str | None:
+    """The checkpoint a diverged or stopped run can resume from (the one ``latest`` names)."""
+    tag = latest_tag(save_dir) if save_dir is not None else None
+    return None if tag is None else f"{save_dir}/{tag}"
+
+
 def resume_directory(config: Config) -> str | None:
     """The directory a run resumes from: ``checkpoint.save`` if it has a checkpoint (re-running the same command
     continues), else ``checkpoint.load`` if it has one; None for a fresh start."""
@@ -291,7 +316,8 @@ def _resume(engine, config: Config, launch: Launch, loader, lr_scheduler, warmup
         if config.checkpoint.load is not None and launch.is_main:
             print(f"checkpoint.load={config.checkpoint.load} has no checkpoint: starting from scratch", flush=True)
         return None
-    client_state = load_checkpoint(engine, directory, launch.rank, launch.world_size, config.seed)
+    client_state = load_checkpoint(engine, directory, launch.rank, launch.world_size, config.seed,
+                                   strict=config.checkpoint.strict_resume)
     if CLIENT_STATE_KEY not in client_state:
         raise ValueError(f"the checkpoint in {directory} has no {CLIENT_STATE_KEY!r} state: it was not written by "
                          "megagpt/pretrain.py; start a fresh run with another --save directory")

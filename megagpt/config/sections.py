@@ -240,7 +240,8 @@ class CheckpointConfig(_Section):
     ``init_from``: start a NEW run from these weights (continual pretraining): a consolidated checkpoint
     (``tools/convert_checkpoint.py --to consolidated``, or ``--from-hf`` for Hugging Face GPT-2) or a training
     checkpoint of any layout. Only the weights are taken; optimizer, schedules and data start fresh. Ignored
-    once the run has a checkpoint of its own to resume."""
+    once the run has a checkpoint of its own to resume. ``strict_resume``: when the checkpoint ``latest`` names
+    fails its manifest, refuse (True) instead of resuming the newest intact one with a warning (False)."""
 
     SECTION = "checkpoint"
     save: str | None = None
@@ -248,10 +249,25 @@ class CheckpointConfig(_Section):
     init_from: str | None = None
     save_interval: int = 1000
     keep_last: int = 0
+    strict_resume: bool = False  # a damaged newest checkpoint stops the run instead of resuming an older one
 
     def _check(self) -> None:
         _check_positive_int("checkpoint", "save_interval", self.save_interval)
         self._at_least("keep_last", 0)
+
+
+@dataclass(frozen=True)
+class StabilityConfig(_Section):
+    """What the trainer does about divergence (megagpt/stability.py). A step whose loss or gradient norm is
+    not finite on any rank is skipped on every rank (weights, optimizer state and schedules unchanged);
+    ``max_consecutive_skips`` such steps in a row stop the run with a non-zero exit and nothing more saved."""
+
+    SECTION = "stability"
+    skip_non_finite: bool = True  # False: no check at all (benchmarks/bench_nonfinite_guard.py compares the two)
+    max_consecutive_skips: int = 5
+
+    def _check(self) -> None:
+        _check_positive_int("stability", "max_consecutive_skips", self.max_consecutive_skips)
 
 
 @dataclass(frozen=True)

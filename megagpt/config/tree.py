@@ -13,7 +13,7 @@ from typing import Any
 from megagpt.config._fields import read_json_file, _coerce, _did_you_mean, _jsonable
 from megagpt.config.model import ModelConfig
 from megagpt.config.sections import (BatchConfig, CheckpointConfig, DataConfig, LoggingConfig, OptimizerConfig,
-                                     ParallelConfig, ScheduleConfig, TokenizerConfig)
+                                     ParallelConfig, ScheduleConfig, StabilityConfig, TokenizerConfig)
 
 
 # DeepSpeed keys derived from the tree, and the field a user sets instead.
@@ -32,7 +32,8 @@ DEEPSPEED_OWNED_KEYS = {
 }
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
             "schedule": ScheduleConfig, "batch": BatchConfig, "parallel": ParallelConfig,
-            "checkpoint": CheckpointConfig, "logging": LoggingConfig, "tokenizer": TokenizerConfig}
+            "checkpoint": CheckpointConfig, "logging": LoggingConfig, "tokenizer": TokenizerConfig,
+            "stability": StabilityConfig}
 TOP_LEVEL_KEYS = (*SECTIONS, "deepspeed", "seed")
 
 
@@ -50,6 +51,7 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    stability: StabilityConfig = dataclasses.field(default_factory=StabilityConfig)
     deepspeed: dict[str, Any] = dataclasses.field(default_factory=dict)  # pass-through, see DEEPSPEED_OWNED_KEYS
     seed: int = 1234  # model initialisation and dropout
 

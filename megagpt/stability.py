@@ -1,0 +1,117 @@
+"""Divergence handling: a step whose loss or gradients are not finite is skipped on every rank, and too many
+in a row stop the run (Megatron's ``--check-for-nan-in-loss-and-grad``, without losing the run's state).
+
+How a step is skipped without DeepSpeed knowing: the guard wraps the torch optimizer DeepSpeed steps (the
+client optimizer under ZeRO-0, the one inside ZeRO-1/2's wrapper), and that ``step`` returns without touching
+weights or moments when the guard decided to skip. The decision is taken once per optimizer step, before the
+last micro batch's ``engine.step()``: this rank's losses (accumulated on the device, no sync per micro batch)
+and, under ZeRO-0, its reduced gradients are checked, then one all-reduce over every rank makes all agree.
+ZeRO-1/2 check their gradient partitions themselves (DeepSpeed's ``check_grad_overflow``) and skip the step;
+the guard counts those skips too (``engine.skipped_steps``). The training loop restores the LR and
+sequence-length schedules of a skipped step. fp16 keeps DeepSpeed's dynamic loss scaler: its overflow skips
+are part of normal training, so the guard stays out of the way.
+
+Pipeline engines (``train_batch``) step inside DeepSpeed; there only DeepSpeed's ZeRO-1 gradient check skips
+(a non-finite loss with finite gradients is not caught there).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when ``max_consecutive_skips`` steps in a row were not finite; names the step and the last good
+    checkpoint."""
+
+
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer that DeepSpeed finally steps (inside ZeRO's wrapper, or the client optimizer)."""
+    optimizer = engine.optimizer
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"cannot find the torch optimizer inside {type(engine.optimizer).__name__}")
+    return optimizer
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor on the tensors' device: every element finite (no host sync)."""
+    norms = torch._foreach_norm([t.float() if t.dtype not in (torch.float32, torch.float64) else t for t in tensors])
+    return torch.isfinite(torch.stack(norms)).all()
+
+
+class NonFiniteGuard:
+    """Skip-and-count of non-finite steps for one engine. Per optimizer step: ``observe_loss`` for every micro
+    batch, ``decide`` before the last ``engine.step()``, ``finish_step`` after it (returns whether the step was
+    skipped, raises ``TrainingDiverged`` after too many in a row)."""
+
+    def __init__(self, engine, max_consecutive_skips: int, any_rank: Callable[[bool], bool], enabled: bool = True):
+        self.engine = engine
+        self.max_consecutive_skips = max_consecutive_skips
+        self.any_rank = any_rank
+        self.enabled = enabled and not engine.fp16_enabled()
+        # ZeRO-1/2 flatten gradients into partitions inside engine.step(); module .grad is only whole under ZeRO-0
+        self.check_module_grads = not engine.zero_optimization()
+        self.skipped_total = 0
+        self.consecutive = 0
+        self._loss_ok: torch.Tensor | None = None
+        self._skip = False
+        self._deepspeed_skips = engine.skipped_steps
+        if self.enabled:
+            self._wrap(base_optimizer(engine))
+
+    def _wrap(self, optimizer: torch.optim.Optimizer) -> None:
+        step = optimizer.step
+
+        def guarded_step(*args, **kwargs):
+            if self._skip:  # weights and moments stay as they were
+                return None
+            return step(*args, **kwargs)
+
+        optimizer.step = guarded_step
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        """Remember whether one micro batch's loss was finite (on the device: no sync)."""
+        if self.enabled:
+            ok = torch.isfinite(loss.detach()).all()
+            self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
+
+    def decide(self) -> bool:
+        """Before the step's last ``engine.step()``: True (on every rank) when any rank saw a non-finite loss or,
+        under ZeRO-0, a non-finite gradient. One host sync and one all-reduce per optimizer step."""
+        if not self.enabled:
+            return False
+        ok = self._loss_ok if self._loss_ok is not None else torch.ones((), dtype=torch.bool)
+        if self.check_module_grads:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            if grads:
+                ok = ok.to(grads[0].device) & _all_finite(grads)
+        self._loss_ok = None
+        self._skip = self.any_rank(not bool(ok.item()))
+        return self._skip
+
+    def finish_step(self, step: int, last_good: str | None) -> bool:
+        """After the step: whether it was skipped (by the guard, or by DeepSpeed's own gradient check). Raises
+        ``TrainingDiverged`` at the ``max_consecutive_skips``-th skip in a row."""
+        deepspeed_skipped = self.engine.skipped_steps != self._deepspeed_skips
+        self._deepspeed_skips = self.engine.skipped_steps
+        skipped = self.enabled and (self._skip or deepspeed_skipped)
+        self._skip = False
+        if not skipped:
+            self.consecutive = 0
+            return False
+        self.skipped_total += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive_skips:
+            raise TrainingDiverged(
+                f"training diverged: the loss or gradient norm was not finite for {self.consecutive} steps in a row "
+                f"(steps {step - self.consecutive + 1}-{step}; stability.max_consecutive_skips="
+                f"{self.max_consecutive_skips}); nothing more was saved. Last good checkpoint: "
+                f"{last_good or 'none (no checkpoint was saved before the divergence)'}. Lower optimizer.lr, raise "
+                "warmup, or check the data, then resume from it")
+        return True
+
+
+__all__ = ["NonFiniteGuard", "TrainingDiverged", "base_optimizer"]
