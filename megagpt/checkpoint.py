@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megagpt.checkpoint_dir import (LATEST, atomic_write_text, latest_tag, load_torch_file, prune_checkpoints,
+from megagpt.checkpoint_dir import (LATEST, DamagedCheckpoint, atomic_write_text, load_torch_file, prune_checkpoints,
                                     resume_tag, rng_file, saved_world_size, step_tag, tag_step, write_manifest)
 from megagpt.config import Config, save_resolved
 from megagpt.convert.universal import is_universal_dir
@@ -98,7 +98,7 @@ def _choose_resume_tag(engine, directory: Path, rank: int, strict: bool) -> str 
             for warning in warnings:
                 print(f"WARNING: {warning}", flush=True)
             choice = -1 if tag is None else tag_step(tag)
-        except ValueError as err:
+        except DamagedCheckpoint as err:
             choice, error = -2, err
     if dist.is_available() and dist.is_initialized():
         value = torch.tensor([choice], dtype=torch.int64, device=engine.device)
@@ -107,7 +107,7 @@ def _choose_resume_tag(engine, directory: Path, rank: int, strict: bool) -> str 
     if error is not None:
         raise error
     if choice == -2:
-        raise ValueError(f"rank 0 refused every checkpoint in {directory} (its message says why)")
+        raise DamagedCheckpoint(f"rank 0 refused the checkpoints in {directory} (its message says why)")
     return None if choice == -1 else step_tag(choice)
 
 

@@ -28,6 +28,11 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 BLOCK_BYTES = 64 << 20  # checksummed per block, so blocks of one large file are hashed in parallel
 _TAG = re.compile(r"^step(\d+)$")
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint that fails its manifest (and, when resuming, no intact one to fall back to, or
+    ``strict_resume``). The message names every file and what is wrong with it."""
 _RNG_FILE = re.compile(r"^rng_rank(\d+)\.pt$")
 
 
@@ -202,7 +207,7 @@ def verify_step_dir(step_dir: str | os.PathLike) -> None:
         intact = [t for t in reversed(step_tags(step_dir.parent))
                   if t != step_dir.name and not checkpoint_problems(step_dir.parent / t, checksums=False)]
         hint = f"; the newest other checkpoint with all its files is {step_dir.parent / intact[0]}" if intact else ""
-        raise ValueError(f"checkpoint {step_dir} is damaged or incomplete: {'; '.join(problems)}{hint}")
+        raise DamagedCheckpoint(f"checkpoint {step_dir} is damaged or incomplete: {'; '.join(problems)}{hint}")
 
 
 def resume_tag(directory: str | os.PathLike, strict: bool = False) -> tuple[str | None, list[str]]:
@@ -219,7 +224,7 @@ def resume_tag(directory: str | os.PathLike, strict: bool = False) -> tuple[str 
     if not problems:
         return named, []
     if strict:
-        raise ValueError(f"checkpoint {directory / named} (named by {directory / LATEST}) is damaged or incomplete: "
+        raise DamagedCheckpoint(f"checkpoint {directory / named} (named by {directory / LATEST}) is damaged or incomplete: "
                          f"{'; '.join(problems)}; --strict-resume refuses to fall back to an older one")
     warnings = [f"checkpoint {directory / named} is damaged or incomplete: {'; '.join(problems)}"]
     for tag in reversed(step_tags(directory)):
@@ -229,7 +234,7 @@ def resume_tag(directory: str | os.PathLike, strict: bool = False) -> tuple[str 
                 warnings.append(f"resuming from {directory / tag}, the newest intact checkpoint, instead")
                 return tag, warnings
             warnings.append(f"checkpoint {directory / tag} is not intact either: {'; '.join(found)}")
-    raise ValueError(f"no intact checkpoint in {directory}: {'; '.join(warnings)}; restore the files or start "
+    raise DamagedCheckpoint(f"no intact checkpoint in {directory}: {'; '.join(warnings)}; restore the files or start "
                      "a fresh run with another --save directory")
 
 
@@ -254,6 +259,6 @@ def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[str]
     return removed
 
 
-__all__ = ["LATEST", "MANIFEST", "atomic_write_text", "checkpoint_problems", "latest_tag", "load_torch_file", "prune_checkpoints",
+__all__ = ["DamagedCheckpoint", "LATEST", "MANIFEST", "atomic_write_text", "checkpoint_problems", "latest_tag", "load_torch_file", "prune_checkpoints",
            "resume_tag", "rng_file", "saved_world_size", "step_tag", "step_tags", "tag_step", "verify_step_dir",
            "write_manifest"]

@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     from megagpt.engine import (build_engine, build_process_groups, check_device_support, init_distributed,
                                 launch_from_env)
     from megagpt.checkpoint import NonFiniteWeights
+    from megagpt.checkpoint_dir import DamagedCheckpoint
     from megagpt.stability import TrainingDiverged
     from megagpt.training import resume_directory, train
 
@@ -162,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         if launch.is_main:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 3
+    except DamagedCheckpoint as err:
+        if launch.is_main:
+            print(f"checkpoint error: {err}", file=sys.stderr, flush=True)
+        return 2
     if launch.is_main:
         print(f"done: step {state.step}, {state.tokens:,} tokens", flush=True)
     return 0

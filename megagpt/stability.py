@@ -44,8 +44,8 @@ def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 class NonFiniteGuard:
     """Skip-and-count of non-finite steps for one engine. Per optimizer step: ``observe_loss`` for every micro
-    batch, ``decide`` before the last ``engine.step()``, ``finish_step`` after it (returns whether the step was
-    skipped, raises ``TrainingDiverged`` after too many in a row)."""
+    batch, ``decide`` before the last ``engine.step()``, ``finish_step`` after it (whether the step was skipped),
+    then ``raise_if_diverged`` (``TrainingDiverged`` after too many in a row)."""
 
     def __init__(self, engine, max_consecutive_skips: int, any_rank: Callable[[bool], bool], enabled: bool = True):
         self.engine = engine
@@ -92,18 +92,18 @@ class NonFiniteGuard:
         self._skip = self.any_rank(not bool(ok.item()))
         return self._skip
 
-    def finish_step(self, step: int, last_good: str | None) -> bool:
-        """After the step: whether it was skipped (by the guard, or by DeepSpeed's own gradient check). Raises
-        ``TrainingDiverged`` at the ``max_consecutive_skips``-th skip in a row."""
+    def finish_step(self) -> bool:
+        """After the step: whether it was skipped (by the guard, or by DeepSpeed's own gradient check)."""
         deepspeed_skipped = self.engine.skipped_steps != self._deepspeed_skips
         self._deepspeed_skips = self.engine.skipped_steps
         skipped = self.enabled and (self._skip or deepspeed_skipped)
         self._skip = False
-        if not skipped:
-            self.consecutive = 0
-            return False
-        self.skipped_total += 1
-        self.consecutive += 1
+        self.consecutive = self.consecutive + 1 if skipped else 0
+        self.skipped_total += skipped
+        return skipped
+
+    def raise_if_diverged(self, step: int, last_good: str | None) -> None:
+        """``TrainingDiverged`` once ``max_consecutive_skips`` steps in a row were skipped."""
         if self.consecutive >= self.max_consecutive_skips:
             raise TrainingDiverged(
                 f"training diverged: the loss or gradient norm was not finite for {self.consecutive} steps in a row "
@@ -111,7 +111,6 @@ class NonFiniteGuard:
                 f"{self.max_consecutive_skips}); nothing more was saved. Last good checkpoint: "
                 f"{last_good or 'none (no checkpoint was saved before the divergence)'}. Lower optimizer.lr, raise "
                 "warmup, or check the data, then resume from it")
-        return True
 
 
 __all__ = ["NonFiniteGuard", "TrainingDiverged", "base_optimizer"]

@@ -252,11 +252,12 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
                 engine.step()
                 step_losses.append(loss.detach())
             state.step += 1
-            if guard.finish_step(state.step, _last_good(save_dir)):
+            if guard.finish_step():
                 # weights and optimizer untouched; the schedules go back to where this step found them
                 lr_scheduler.load_state_dict(schedules_before[0])
                 warmup.load_state_dict(schedules_before[1])
                 logger.log_skip(state.step, guard.skipped_total, guard.consecutive)
+                guard.raise_if_diverged(state.step, _last_good(save_dir))
             else:
                 state.tokens += step_tokens
                 timer.add_tokens(step_tokens)

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from megagpt import metrics, pretrain
+# this checkout's megagpt, not whichever one is installed
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from megagpt import metrics, pretrain  # noqa: E402
 
 
 def _kill_group() -> None:

@@ -109,7 +109,7 @@ def test_two_ranks_zero1_bf16_8bit_with_seq_len_stages_resume_bitwise(tiny_run):
     assert logged_numbers(split) == logged_numbers(whole)
     assert sorted(os.listdir(root / "dp2_whole" / "step6")) == [
         "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
-        "config.json", "mp_rank_00_model_states.pt", "rng_rank0.pt", "rng_rank1.pt"]
+        "config.json", "manifest.json", "mp_rank_00_model_states.pt", "rng_rank0.pt", "rng_rank1.pt"]
 
 
 def test_sigterm_saves_a_checkpoint_at_the_step_reached_then_exits_cleanly(tiny_run):
