@@ -135,3 +135,28 @@ def test_sigterm_saves_a_checkpoint_at_the_step_reached_then_exits_cleanly(tiny_
     assert 3 <= last_step < 5000
     assert (save / "latest").read_text().strip() == f"step{last_step}"
     assert f"stopping at step {last_step}" in out
+
+
+@pytest.mark.parametrize("damage", ["truncated"])  # a missing file: tests/test_checkpoint_dir.py (same path)
+def test_a_damaged_newest_checkpoint_resumes_from_the_newest_intact_one(tiny_run, damage):
+    """One file of step 10 truncated (a full disk) or gone (an interrupted copy). Before: the resume died in
+    ``PytorchStreamReader failed reading zip archive``. Now: --strict-resume refuses naming the file; without it
+    the run warns, resumes from step 5 and logs exactly what the uninterrupted run logged."""
+    root, config = tiny_run
+    save = root / f"damaged_{damage}"
+    common = ["--config", str(config), "--save", str(save), "--train-iters", "10", "--set", "parallel.zero_stage=1"]
+    run_training("python", common, 29690)
+    whole = read_jsonl(save / "metrics.jsonl")
+    victim = save / "step10" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    if damage == "truncated":
+        with open(victim, "r+b") as f:
+            f.truncate(victim.stat().st_size // 2)
+    else:
+        victim.unlink()
+    refused = run_training("python", [*common, "--strict-resume"], 29691, expect=2)
+    assert f"{victim} is" in refused.stderr and "--strict-resume refuses" in refused.stderr
+    resumed = run_training("python", common, 29692)
+    assert f"WARNING: checkpoint {save / 'step10'} is damaged or incomplete: {victim} is" in resumed.stdout
+    assert f"resuming from {save / 'step5'}" in resumed.stdout and "at step 5" in resumed.stdout
+    assert logged_numbers(read_jsonl(save / "metrics.jsonl")) == logged_numbers(whole)
+    assert (save / "latest").read_text() == "step10" and victim.stat().st_size > 0
