@@ -67,11 +67,11 @@ def test_checkpoints_from_before_manifests_are_read_unchecked(tmp_path):
 
 
 def test_large_files_are_checksummed_in_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(cd, "BLOCK_BYTES", 100)
+    monkeypatch.setattr(cd, "BLOCK_BYTES", 100)  # 1001 bytes: 11 blocks
     step_dir = make_checkpoint(tmp_path, 1)
     import json
     manifest = json.loads((step_dir / cd.MANIFEST).read_text())
-    assert len(manifest["files"]["mp_rank_00_model_states.pt"]["crc32"]) == 11
+    assert len(manifest["files"]["mp_rank_00_model_states.pt"][cd.HASH]) == 11
     data = bytearray((step_dir / "mp_rank_00_model_states.pt").read_bytes())
     data[950] ^= 1  # one bit in the last block but one
     (step_dir / "mp_rank_00_model_states.pt").write_bytes(bytes(data))
