@@ -304,6 +304,22 @@ class MetricsLogger:
                     f"step {step} | SKIPPED: non-finite loss or gradient norm ({consecutive} in a row, "
                     f"{skipped_total} in all); weights, optimizer and schedules unchanged")
 
+    def rewind(self, step: int) -> None:
+        """Drop the records after ``step`` (a spike recovery rolled the run back to it), as a resume does."""
+        if self.rank != 0:
+            return
+        self._file.close()
+        _truncate_after(self.path, step)
+        self._file = open(self.path, "a")
+
+    def log_rollback(self, step: int, recovery: dict) -> None:
+        """Record a loss-spike recovery that rolled the run back to ``step``."""
+        if self.rank != 0:
+            return
+        self._write({"step": step, "rollback": recovery, "time": time.time()}, {}, step,
+                    f"step {step} | ROLLED BACK from a loss spike at step {recovery['spike_step']} (loss "
+                    f"{recovery['loss']:.4f}); samples {recovery['skipped_samples']} skipped")
+
     def log_eval(self, step: int, loss: float, tokens: int | None = None) -> None:
         """Record a validation loss and its perplexity ``exp(loss)`` (inf when it overflows)."""
         if self.rank != 0:

@@ -11,14 +11,27 @@ the guard counts those skips too (``engine.skipped_steps``). The training loop r
 sequence-length schedules of a skipped step. fp16 keeps DeepSpeed's dynamic loss scaler: its overflow skips
 are part of normal training, so the guard stays out of the way.
 
+Loss-spike recovery (``stability.spike_recovery``, off by default): ``SpikeDetector`` compares each step's
+loss (averaged over ranks: one host sync per step while it is on) with the previous ``spike_window`` losses; on a
+spike the training loop rolls back to the newest checkpoint and skips the samples of the ``spike_skip_batches``
+steps up to the spike, as the operators of OPT, BLOOM and PaLM did by hand. Each recovery is appended to
+``{save}/recoveries.json`` before the rollback (``append_recovery``), and the skipped ranges are part of the
+loader's checkpointed state, so a run killed during or after a recovery resumes exactly as the uninterrupted one.
+
 Pipeline engines (``train_batch``) step inside DeepSpeed; there only DeepSpeed's ZeRO-1 gradient check skips
 (a non-finite loss with finite gradients is not caught there).
 """
 from __future__ import annotations
 
+import json
+import os
+import statistics
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+RECOVERIES = "recoveries.json"  # in the save directory: every spike recovery, so resumes skip the same samples
 
 
 class TrainingDiverged(RuntimeError):
@@ -113,4 +126,52 @@ class NonFiniteGuard:
                 "warmup, or check the data, then resume from it")
 
 
-__all__ = ["NonFiniteGuard", "TrainingDiverged", "base_optimizer"]
+class SpikeDetector:
+    """Is a loss a spike against the previous ``window`` (finite) losses: above ``mean + std * stdev``, or above
+    ``ratio * mean`` when ``ratio`` is set. Says no until the window is full."""
+
+    def __init__(self, window: int, std: float, ratio: float | None = None):
+        self.window, self.std, self.ratio = window, std, ratio
+        self.recent: list[float] = []
+
+    def is_spike(self, loss: float) -> bool:
+        if len(self.recent) < self.window:
+            return False
+        mean = statistics.fmean(self.recent)
+        if self.ratio is not None:
+            return loss > self.ratio * mean
+        return loss > mean + self.std * statistics.pstdev(self.recent)
+
+    def add(self, loss: float) -> None:
+        self.recent = (self.recent + [float(loss)])[-self.window:]
+
+    def state_dict(self) -> dict:
+        return {"recent": list(self.recent)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recent = [float(x) for x in state["recent"]][-self.window:]
+
+
+def read_recoveries(save_dir: str | os.PathLike | None) -> list[dict]:
+    """The spike recoveries recorded in ``save_dir`` (oldest first); [] when none."""
+    path = Path(save_dir) / RECOVERIES if save_dir is not None else None
+    if path is None or not path.exists():
+        return []
+    try:
+        records = json.loads(path.read_text())
+        return [dict(r, skipped_samples=[int(x) for x in r["skipped_samples"]]) for r in records]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is unreadable ({err}): it lists the samples skipped after loss spikes; restore "
+                         "it, or delete it to train on those samples again") from None
+
+
+def append_recovery(save_dir: str | os.PathLike, record: dict) -> None:
+    """Add one recovery to ``save_dir/recoveries.json`` (atomically; rank 0 only)."""
+    from megagpt.checkpoint_dir import atomic_write_text
+
+    records = read_recoveries(save_dir) + [record]
+    atomic_write_text(Path(save_dir) / RECOVERIES, json.dumps(records, indent=1))
+
+
+__all__ = ["NonFiniteGuard", "SpikeDetector", "TrainingDiverged", "append_recovery", "base_optimizer",
+           "read_recoveries"]

@@ -19,12 +19,12 @@ import torch
 import torch.distributed as dist
 
 from megagpt.checkpoint import NonFiniteWeights, load_checkpoint, save_checkpoint, weights_are_finite
-from megagpt.checkpoint_dir import latest_tag
+from megagpt.checkpoint_dir import latest_tag, tag_step
 from megagpt.config import Config
 from megagpt.convert.universal import is_universal_dir
 from megagpt.engine import Launch
 from megagpt.optim import LRSchedule, LRScheduler, SeqLenSchedule, SeqLenWarmup
-from megagpt.stability import NonFiniteGuard
+from megagpt.stability import NonFiniteGuard, SpikeDetector, TrainingDiverged, append_recovery, read_recoveries
 
 
 CLIENT_STATE_KEY = "megagpt"
@@ -44,9 +44,11 @@ def build_datasets(config: Config, launch: Launch):
     evaluations are comparable). Rank 0 builds the index caches first; the others then read them."""
     from megagpt.data.blend import build_blended_datasets
 
-    data, batch = config.data, config.batch
-    num_samples = (config.schedule.train_iters * batch.global_batch, config.logging.eval_iters * batch.global_batch,
-                   0)
+    data, batch, stability = config.data, config.batch, config.stability
+    train_steps = config.schedule.train_iters
+    if stability.spike_recovery:  # batches skipped after spikes are replaced by later ones
+        train_steps += stability.max_rollbacks * stability.spike_skip_batches
+    num_samples = (train_steps * batch.global_batch, config.logging.eval_iters * batch.global_batch, 0)
 
     def build():
         return build_blended_datasets(list(data.data_path), data.split, config.model.seq_len, num_samples,
@@ -196,7 +198,10 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
     lr_scheduler, warmup = build_schedules(config)
     state = TrainState()
     save_dir = config.checkpoint.save
-    resume_step = _resume(engine, config, launch, loader, lr_scheduler, warmup, state)
+    stability = config.stability
+    detector = SpikeDetector(stability.spike_window, stability.spike_std,
+                             stability.spike_ratio) if stability.spike_recovery else None
+    resume_step = _resume(engine, config, launch, loader, lr_scheduler, warmup, state, detector)
 
     metrics_dir = save_dir or tempfile.mkdtemp(prefix="megagpt-metrics-")
     device_name = torch.cuda.get_device_name(launch.device) if launch.device.type == "cuda" else "cpu"
@@ -204,7 +209,6 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
     sync = torch.cuda.synchronize if launch.device.type == "cuda" else None
     grad_accum = config.batch.gradient_accumulation(dp_size)
 
-    stability = config.stability
     guard = NonFiniteGuard(engine, stability.max_consecutive_skips, _any_rank, enabled=stability.skip_non_finite)
 
     def save() -> None:
@@ -217,6 +221,8 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
                 "loader": loader.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                 "seq_len_warmup": warmup.state_dict(), "step": state.step, "tokens": state.tokens,
                 "config": config.to_dict()}}
+            if detector is not None:
+                client_state[CLIENT_STATE_KEY]["spike_detector"] = detector.state_dict()
             save_checkpoint(engine, save_dir, state.step, client_state, config, launch.rank)
 
     with MetricsLogger(metrics_dir, config.logging, launch.rank, resume_step=resume_step,
@@ -226,9 +232,12 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
         timer, losses = StepTimer(sync), []
         saved_at = state.step
         pipeline, pipeline_len = _is_pipeline(engine), None
+        step_starts = {}  # step -> the loader position its batch starts at (what a spike recovery skips)
         while state.step < config.schedule.train_iters:
             seq_len, warmup_state = warmup.seq_len, warmup.state_dict()
-            full = torch.from_numpy(np.concatenate(loader.next_step()))
+            batches = loader.next_step()
+            step_starts[state.step + 1] = loader.consumed_samples - config.batch.global_batch
+            full = torch.from_numpy(np.concatenate(batches))
             micro_batches = warmup.next_batch(full).chunk(grad_accum)  # repack keeps samples in order
             step_tokens = config.batch.global_batch * (config.model.seq_len // seq_len) * seq_len
             schedules_before = (lr_scheduler.state_dict(), warmup_state)  # restored if the step is skipped
@@ -263,6 +272,16 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
                 timer.add_tokens(step_tokens)
                 # kept on the device: reading it back (.item()) every step would sync the GPU each step
                 losses.append(torch.stack(step_losses).float().mean())
+                if detector is not None:  # the one host sync per step that spike recovery costs
+                    loss_now = _mean_over_ranks(losses[-1].item(), launch.world_size)
+                    if detector.is_spike(loss_now):
+                        _roll_back(engine, config, launch, loader, lr_scheduler, warmup, state, detector, logger,
+                                   step_starts, loss_now)
+                        losses, step_starts = [], {}
+                        saved_at = state.step
+                        timer.restart()
+                        continue
+                    detector.add(loss_now)
 
             if logger.is_log_step(state.step):
                 # a window of skipped steps only has no loss to report
@@ -308,7 +327,36 @@ def resume_directory(config: Config) -> str | None:
     return next((d for d in candidates if latest_tag(d) is not None or is_universal_dir(d)), None)
 
 
-def _resume(engine, config: Config, launch: Launch, loader, lr_scheduler, warmup, state: TrainState) -> int | None:
+def _roll_back(engine, config: Config, launch: Launch, loader, lr_scheduler, warmup, state: TrainState, detector,
+               logger, step_starts: dict, loss: float) -> None:
+    """Loss spike at ``state.step``: record the samples of the ``spike_skip_batches`` steps up to it (those
+    after the newest checkpoint) in ``recoveries.json``, reload that checkpoint, and go on without them."""
+    stability, save_dir, spike_step = config.stability, config.checkpoint.save, state.step
+    tag = latest_tag(save_dir) if save_dir is not None else None
+    recoveries = read_recoveries(save_dir)
+    if tag is None or len(recoveries) >= stability.max_rollbacks:
+        why = ("there is no checkpoint to roll back to" if tag is None else
+               f"stability.max_rollbacks={stability.max_rollbacks} recoveries were made already")
+        raise TrainingDiverged(f"loss spike at step {spike_step} (loss {loss:.4f}, recent mean "
+                               f"{np.mean(detector.recent):.4f}) and {why}; nothing more was saved. Last good "
+                               f"checkpoint: {_last_good(save_dir)}")
+    good_step = tag_step(tag)
+    first = max(spike_step - stability.spike_skip_batches + 1, good_step + 1)
+    record = {"spike_step": spike_step, "loss": loss, "rolled_back_to": good_step,
+              "skipped_samples": [step_starts[first], loader.consumed_samples]}
+    if launch.is_main:
+        append_recovery(save_dir, record)  # before the rollback: a run killed from here on skips them too
+        print(f"loss spike at step {spike_step} (loss {loss:.4f}, recent mean {np.mean(detector.recent):.4f}): "
+              f"rolling back to {save_dir}/{tag} and skipping samples {record['skipped_samples']} (the batches of "
+              f"steps {first}-{spike_step})", flush=True)
+    _barrier()
+    _resume(engine, config, launch, loader, lr_scheduler, warmup, state, detector)
+    logger.rewind(good_step)
+    logger.log_rollback(good_step, record)
+
+
+def _resume(engine, config: Config, launch: Launch, loader, lr_scheduler, warmup, state: TrainState,
+            detector=None) -> int | None:
     """Load the latest checkpoint and restore every counter; returns the resumed step, or None for a fresh
     start. ``checkpoint.save`` is looked at first (this run's own newer checkpoints, so re-running the same
     command continues), then ``checkpoint.load`` (where a new run starts from)."""
@@ -327,6 +375,10 @@ def _resume(engine, config: Config, launch: Launch, loader, lr_scheduler, warmup
     lr_scheduler.load_state_dict(client_state["lr_scheduler"])
     warmup.load_state_dict(client_state["seq_len_warmup"])
     state.step, state.tokens = int(client_state["step"]), int(client_state["tokens"])
+    for recovery in read_recoveries(config.checkpoint.save):  # spike recoveries after this checkpoint was taken
+        loader.skip(*recovery["skipped_samples"])
+    if detector is not None and "spike_detector" in client_state:
+        detector.load_state_dict(client_state["spike_detector"])
     changed = _changed_fields(client_state["config"], config.to_dict())
     if changed and launch.is_main:
         print(f"note: resuming with config values changed since the checkpoint: {', '.join(changed)}", flush=True)

@@ -4,7 +4,10 @@ megagpt/stability.py.
 ``MEGAGPT_TEST_FAULT=KIND:RANK:STEP`` (STEP counts optimizer steps from 1, as the metrics do; the fault hits
 every micro batch of that step on that rank):
 ``nan_loss``: the loss becomes NaN, its gradients stay finite (a constant is added);
-``nan_grad``: the loss stays finite, every gradient becomes NaN.
+``nan_grad``: the loss stays finite, every gradient becomes NaN;
+``spike``: 20 is added to the loss (gradients unchanged) of the batch that step STEP reads in an uninterrupted
+run without recoveries (keyed by the loader position, so once that batch is skipped the spike is gone).
+Imported by tests/sigkill_pretrain.py when ``MEGAGPT_TEST_FAULT`` is set, to kill runs that have faults.
 """
 import math
 import os
@@ -17,8 +20,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from megagpt import pretrain, training  # noqa: E402
 
+from megagpt.data import loader as loader_module  # noqa: E402
+
 KIND, RANK, STEP = os.environ["MEGAGPT_TEST_FAULT"].split(":")
 RANK, STEP = int(RANK), int(STEP)
+_position = [0]  # where the training loader's current step starts
+_next_step = loader_module.PretrainingLoader.next_step
+
+
+def _recording_next_step(self):
+    batches = _next_step(self)
+    if torch.is_grad_enabled():  # the training loader, not evaluation's
+        _position[0] = self.consumed_samples - self.global_batch
+    return batches
+
+
+loader_module.PretrainingLoader.next_step = _recording_next_step
 
 
 class _NanGradient(torch.autograd.Function):
@@ -42,6 +59,10 @@ def _faulty_micro_loss(engine, rows, device):
         return loss
     step = _calls[0] // engine.gradient_accumulation_steps() + 1
     _calls[0] += 1
+    if KIND == "spike":
+        if _position[0] == (STEP - 1) * engine.train_batch_size() and int(os.environ.get("RANK", "0")) == RANK:
+            return loss + 20.0
+        return loss
     if step == STEP and int(os.environ.get("RANK", "0")) == RANK:
         if KIND == "nan_loss":
             return loss + torch.tensor(math.nan, device=loss.device)

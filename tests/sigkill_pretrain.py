@@ -8,6 +8,8 @@ and every rank.
 the step's checkpoint, if it has one).
 ``MEGAGPT_TEST_KILL_IN_SAVE=N``: while checkpoint ``stepN`` is being written: the first of its files
 gets half its bytes, then the kill.
+``MEGAGPT_TEST_KILL_IN_ROLLBACK=1``: during a loss-spike recovery, right after it is recorded and before the
+rollback. ``MEGAGPT_TEST_FAULT``: the faults of tests/fault_pretrain.py.
 """
 import io
 import os
@@ -26,6 +28,18 @@ def _kill_group() -> None:
     sys.stdout.flush()
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
+
+if "MEGAGPT_TEST_FAULT" in os.environ:
+    import fault_pretrain  # noqa: E402,F401  (patches the loss at import)
+
+if "MEGAGPT_TEST_KILL_IN_ROLLBACK" in os.environ:
+    from megagpt import stability, training  # noqa: E402
+
+    def _record_then_kill(save_dir, record):
+        stability.append_recovery(save_dir, record)
+        _kill_group()
+
+    training.append_recovery = _record_then_kill
 
 if "MEGAGPT_TEST_KILL_AFTER_STEP" in os.environ:
     _kill_step = int(os.environ["MEGAGPT_TEST_KILL_AFTER_STEP"])

@@ -260,14 +260,27 @@ class CheckpointConfig(_Section):
 class StabilityConfig(_Section):
     """What the trainer does about divergence (megagpt/stability.py). A step whose loss or gradient norm is
     not finite on any rank is skipped on every rank (weights, optimizer state and schedules unchanged);
-    ``max_consecutive_skips`` such steps in a row stop the run with a non-zero exit and nothing more saved."""
+    ``max_consecutive_skips`` such steps in a row stop the run with a non-zero exit and nothing more saved.
+    ``spike_recovery``: on a loss spike (``spike_std`` deviations above the mean of the last ``spike_window`` step
+    losses, or ``spike_ratio`` x that mean), roll back to the newest checkpoint and never train on the
+    ``spike_skip_batches`` global batches up to the spike; at most ``max_rollbacks`` times (docs/training.md)."""
 
     SECTION = "stability"
     skip_non_finite: bool = True  # False: no check at all (benchmarks/bench_nonfinite_guard.py compares the two)
     max_consecutive_skips: int = 5
+    spike_recovery: bool = False
+    spike_window: int = 50  # recent step losses a loss is compared with
+    spike_std: float = 6.0  # a spike: loss > mean + spike_std x standard deviation of the window ...
+    spike_ratio: float | None = None  # ... or, when set, loss > spike_ratio x mean of the window
+    spike_skip_batches: int = 20  # global batches up to and including the spike that are never trained on
+    max_rollbacks: int = 5  # more spikes than this in one run: stop (TrainingDiverged)
 
     def _check(self) -> None:
-        _check_positive_int("stability", "max_consecutive_skips", self.max_consecutive_skips)
+        for name in ("max_consecutive_skips", "spike_window", "spike_skip_batches", "max_rollbacks"):
+            _check_positive_int("stability", name, getattr(self, name))
+        self._at_least("spike_std", 0.0)
+        if self.spike_ratio is not None and self.spike_ratio <= 1:
+            raise ValueError(f"stability.spike_ratio must be > 1 (a multiple of the recent mean), got {self.spike_ratio}")
 
 
 @dataclass(frozen=True)
