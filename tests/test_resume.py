@@ -160,3 +160,35 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_newest_intact_one(tiny_run
     assert f"resuming from {save / 'step5'}" in resumed.stdout and "at step 5" in resumed.stdout
     assert logged_numbers(read_jsonl(save / "metrics.jsonl")) == logged_numbers(whole)
     assert (save / "latest").read_text() == "step10" and victim.stat().st_size > 0
+
+
+SPIKE = ["--set", "stability.spike_recovery=true", "--set", "stability.spike_window=3", "--set",
+         "stability.spike_std=3", "--set", "stability.spike_skip_batches=2"]
+
+
+@pytest.mark.parametrize("kill", ["in_rollback", "after_rollback"])
+def test_sigkill_during_or_after_a_spike_recovery_resumes_bitwise(tiny_run, kill):
+    """A loss spike injected into the batch of step 8: the run rolls back to step 5 and never trains on the
+    batches of steps 7-8. SIGKILLed while recording the recovery, or after step 12 (step 10 saved since), the
+    same command again logs exactly what the uninterrupted run logged."""
+    root, config = tiny_run
+    common = ["--config", str(config), *SPIKE]
+    fault = {"MEGAGPT_TEST_FAULT": "spike:0:8"}
+    whole, split = root / f"spike_whole_{kill}", root / f"spike_split_{kill}"
+    result = run_training("python", [*common, "--save", str(whole)], 29700, script=KILLING_PRETRAIN, env=fault)
+    assert "loss spike at step 8" in result.stdout and f"rolling back to {whole}/step5" in result.stdout
+    records = read_jsonl(whole / "metrics.jsonl")
+    rollback = [r for r in records if "rollback" in r]
+    assert [(r["step"], r["rollback"]["spike_step"], r["rollback"]["skipped_samples"]) for r in rollback] == [
+        (5, 8, [6 * 8, 8 * 8])]  # the samples of steps 7 and 8 (global batch 8)
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 21)) and max(losses(records)) < 5
+
+    env = dict(fault, **({"MEGAGPT_TEST_KILL_IN_ROLLBACK": "1"} if kill == "in_rollback" else
+                         {"MEGAGPT_TEST_KILL_AFTER_STEP": "12"}))
+    killed_run("python", [*common, "--save", str(split)], 29701, env=env)
+    if kill == "after_rollback":
+        assert (split / "latest").read_text() == "step10"
+    resumed = run_training("python", [*common, "--save", str(split)], 29702, script=KILLING_PRETRAIN, env=fault)
+    assert "loss spike" not in resumed.stdout  # the recorded recovery is not made again
+    assert logged_numbers(read_jsonl(split / "metrics.jsonl")) == logged_numbers(records)
+    assert (split / "recoveries.json").read_text() == (whole / "recoveries.json").read_text()

@@ -8,7 +8,6 @@ import torch
 from megagpt.checkpoint_dir import load_torch_file, step_tags
 from testing_utils import REPO, read_jsonl, run_training
 
-pytestmark = pytest.mark.slow
 FAULTY_PRETRAIN = str(REPO / "tests" / "fault_pretrain.py")
 
 
@@ -37,6 +36,7 @@ def training_state(step_dir):
             "schedules": [client["lr_scheduler"], client["seq_len_warmup"]]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher, fault, zero", [
     ("torchrun", "nan_loss:1:3", 0),  # NaN loss on rank 1 only, its gradients finite: the guard's loss check
     ("python", "nan_grad:0:3", 0),  # finite loss, NaN gradients, ZeRO-0: the guard's gradient check
@@ -60,6 +60,7 @@ def test_a_non_finite_step_is_skipped_on_every_rank(tiny_run, launcher, fault, z
     assert step_tags(save) == ["step1", "step2", "step3", "step4"]
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_and_keeps_the_good_checkpoints(tiny_run):
     """lr=1e4: the loss is NaN from step 2 on. Before: the run went on to step 40, exited 0, and keep_last=2
     rotated away every checkpoint taken before the divergence."""
@@ -75,3 +76,27 @@ def test_divergence_stops_the_run_and_keeps_the_good_checkpoints(tiny_run):
         weights = load_torch_file(save / tag / "mp_rank_00_model_states.pt")["module"]
         assert all(torch.isfinite(w).all() for w in weights.values()), tag
     assert [r["step"] for r in read_jsonl(save / "metrics.jsonl") if r.get("skipped_step")] == [2, 3, 4, 5, 6]
+
+
+def test_spike_detector_by_deviations_and_by_ratio():
+    from megagpt.stability import SpikeDetector
+    by_std = SpikeDetector(window=4, std=3.0)
+    for loss in (3.0, 3.2, 2.9, 3.1):
+        assert not by_std.is_spike(10.0) or len(by_std.recent) == 4  # silent until the window is full
+        by_std.add(loss)
+    assert by_std.is_spike(3.39) and not by_std.is_spike(3.38)  # mean 3.05, deviation 0.112: limit 3.385
+    by_ratio = SpikeDetector(window=2, std=0.0, ratio=1.5)
+    by_ratio.add(2.0), by_ratio.add(2.0), by_ratio.add(4.0)  # the window keeps the last two
+    assert by_ratio.recent == [2.0, 4.0] and by_ratio.is_spike(4.6) and not by_ratio.is_spike(4.4)
+    again = SpikeDetector(window=2, std=0.0, ratio=1.5)
+    again.load_state_dict(by_ratio.state_dict())
+    assert again.recent == by_ratio.recent
+
+
+def test_damaged_recoveries_file_is_named(tmp_path):
+    from megagpt.stability import RECOVERIES, append_recovery, read_recoveries
+    append_recovery(tmp_path, {"spike_step": 8, "loss": 9.0, "rolled_back_to": 5, "skipped_samples": [48, 64]})
+    assert read_recoveries(tmp_path)[0]["skipped_samples"] == [48, 64]
+    (tmp_path / RECOVERIES).write_text("[{}]")
+    with pytest.raises(ValueError, match="recoveries.json is unreadable"):
+        read_recoveries(tmp_path)
