@@ -12,7 +12,6 @@ as in a real save. CPU figures on this machine's disk; a GPU node's disk and cor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_preprocess import write_json  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
 from megagpt.checkpoint_dir import checkpoint_problems, write_manifest  # noqa: E402
 from megagpt.config import load_config, parameter_count  # noqa: E402
 
@@ -79,10 +79,7 @@ def main(argv=None) -> int:
           f"{result['manifest_s']:.2f} s (x{result['manifest_over_save']:.3f} of the save), verify "
           f"{result['verify_s']:.2f} s (medians of {args.repeats})")
     if args.output:
-        tmp = f"{args.output}.partial"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.output)
+        write_json(args.output, result)
     return 0
 
 

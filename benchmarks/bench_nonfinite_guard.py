@@ -24,6 +24,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench_preprocess import write_json  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
 from megagpt.data.indexed import IndexedDatasetWriter  # noqa: E402
 
 
@@ -85,10 +86,7 @@ def main(argv=None) -> int:
     print(f"median tokens/s: checked {on:,.0f}, unchecked {off:,.0f}; step time checked / unchecked = "
           f"{off / on:.3f} ({args.device}, ZeRO-{args.zero_stage}, {args.precision})")
     if args.output:
-        tmp = f"{args.output}.partial"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.output)
+        write_json(args.output, result)
     return 0
 
 
