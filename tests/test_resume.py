@@ -190,5 +190,9 @@ def test_sigkill_during_or_after_a_spike_recovery_resumes_bitwise(tiny_run, kill
         assert (split / "latest").read_text() == "step10"
     resumed = run_training("python", [*common, "--save", str(split)], 29702, script=KILLING_PRETRAIN, env=fault)
     assert "loss spike" not in resumed.stdout  # the recorded recovery is not made again
-    assert logged_numbers(read_jsonl(split / "metrics.jsonl")) == logged_numbers(records)
+    # the rollback record of metrics.jsonl is an event, not a number: killed before it was written, the resumed
+    # run lacks it (recoveries.json has it)
+    numbers = [logged_numbers([r for r in read_jsonl(path) if "rollback" not in r])
+               for path in (split / "metrics.jsonl", whole / "metrics.jsonl")]
+    assert numbers[0] == numbers[1]
     assert (split / "recoveries.json").read_text() == (whole / "recoveries.json").read_text()
