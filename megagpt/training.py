@@ -5,7 +5,8 @@ warmup re-packs them (all micro batches at once, so it advances once per step); 
 the learning rate; then each micro batch runs forward, ``engine.backward`` and ``engine.step``
 (DeepSpeed accumulates and steps the optimizer on the last one). Everything that decides what a step
 computes — loader position, schedules, RNG states — is checkpointed, so a resumed run repeats the
-uninterrupted one bit for bit.
+uninterrupted one bit for bit. A step that is not finite on any rank is skipped everywhere, and loss spikes
+can roll the run back to its newest checkpoint (megagpt/stability.py).
 """
 from __future__ import annotations
 
