@@ -199,6 +199,13 @@ def _has_manifests(directory: Path) -> bool:
     return any((directory / tag / MANIFEST).exists() for tag in step_tags(directory))
 
 
+def _from_before_manifests(directory: Path, tag: str) -> bool:
+    """True for a step directory without a manifest that is older than every one with a manifest (written by
+    megagpt before manifests existed), as opposed to a save that never finished."""
+    with_manifest = [tag_step(t) for t in step_tags(directory) if (directory / t / MANIFEST).exists()]
+    return not (directory / tag / MANIFEST).exists() and (not with_manifest or tag_step(tag) < min(with_manifest))
+
+
 def verify_step_dir(step_dir: str | os.PathLike) -> None:
     """ValueError naming what is wrong when ``step_dir`` is not intact. A checkpoint from before manifests
     (none in its save directory has one) passes unchecked."""
@@ -232,6 +239,9 @@ def resume_tag(directory: str | os.PathLike, strict: bool = False) -> tuple[str 
     warnings = [f"checkpoint {directory / named} is damaged or incomplete: {'; '.join(problems)}"]
     for tag in reversed(step_tags(directory)):
         if tag != named and tag_step(tag) < tag_step(named):
+            if _from_before_manifests(directory, tag):
+                warnings.append(f"resuming from {directory / tag}, written before manifests (not verified), instead")
+                return tag, warnings
             found = checkpoint_problems(directory / tag)
             if not found:
                 warnings.append(f"resuming from {directory / tag}, the newest intact checkpoint, instead")
@@ -245,14 +255,14 @@ def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[str]
     """Delete all but the newest ``keep_last`` intact step directories (0 keeps all); never the one ``latest``
     names, never the newest intact one. Incomplete directories (a save that crashed, a truncated file) never
     count among the kept ones. Intact means all files present at their manifest sizes (no checksums: this runs
-    after every save). Returns the tags removed."""
+    after every save); directories from before manifests count as intact. Returns the tags removed."""
     if keep_last <= 0:
         return []
     directory = Path(directory)
     current = latest_tag(directory)
     tags = step_tags(directory)
-    manifests = _has_manifests(directory)
-    intact = [t for t in tags if not manifests or not checkpoint_problems(directory / t, checksums=False)]
+    intact = [t for t in tags if _from_before_manifests(directory, t)
+              or not checkpoint_problems(directory / t, checksums=False)]
     keep = set(intact[-keep_last:]) | {current}
     removed = []
     for tag in tags:

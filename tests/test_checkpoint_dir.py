@@ -100,3 +100,17 @@ def test_torch_files_load_weights_only_with_the_allow_list(tmp_path):
     torch.save({"module": RunsCode()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match=r"evil\.pt holds objects outside megagpt's allow-list.*system"):
         cd.load_torch_file(tmp_path / "evil.pt")
+
+
+def test_checkpoints_from_before_manifests_stay_good_beside_new_ones(tmp_path):
+    make_checkpoint(tmp_path, 5, manifest=False)  # written by an older megagpt
+    make_checkpoint(tmp_path, 10)
+    make_checkpoint(tmp_path, 15, manifest=False)  # a save that crashed before its manifest (and `latest`)
+    cd.atomic_write_text(tmp_path / cd.LATEST, "step10")
+    assert cd.prune_checkpoints(tmp_path, keep_last=2) == ["step15"]
+    truncate(make_checkpoint(tmp_path, 20) / "config.json")
+    tag, warnings = cd.resume_tag(tmp_path)
+    assert tag == "step10"
+    truncate(tmp_path / "step10" / "config.json")
+    tag, warnings = cd.resume_tag(tmp_path)
+    assert tag == "step5" and "written before manifests (not verified)" in warnings[-1]
