@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from megagpt.checkpoint_dir import (LATEST, DamagedCheckpoint, atomic_write_text, load_torch_file, prune_checkpoints,
-                                    resume_tag, rng_file, saved_world_size, step_tag, tag_step, write_manifest)
+                                    resume_tag, rng_file, saved_world_size, step_tag, tag_step, torch_save_hashed,
+                                    write_hashes_part, write_manifest)
 from megagpt.config import Config, save_resolved
 from megagpt.convert.universal import is_universal_dir
 from megagpt.zero_checkpoint import load_zero_state, read_zero_state, zero_shard_files
@@ -43,10 +44,27 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
+def _atomic_torch_save(obj, path: Path, hashes: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    torch_save_hashed(obj, tmp, hashes)
     os.replace(tmp, path)
+    hashes[os.fspath(path)] = hashes.pop(os.fspath(tmp))
+
+
+def _save_engine_hashed(engine, directory: Path, tag: str, client_state: dict, hashes: dict) -> None:
+    """``engine.save_checkpoint`` with every file DeepSpeed's torch checkpoint engine writes hashed as it is
+    written (for the manifest, without reading it back). Other checkpoint engines save as they do."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    hashable = type(checkpoint_engine) is TorchCheckpointEngine
+    if hashable:
+        checkpoint_engine.save = lambda state_dict, path: torch_save_hashed(state_dict, path, hashes)
+    try:
+        engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+    finally:
+        if hashable:
+            del checkpoint_engine.save  # the class's own method again
 
 
 def rng_state() -> dict:
@@ -77,8 +95,10 @@ def save_checkpoint(engine, directory: str | os.PathLike, step: int, client_stat
     must call it. The caller checks ``weights_are_finite`` on every rank first. Returns the tag."""
     directory = Path(directory)
     tag = step_tag(step)
-    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
-    _atomic_torch_save(rng_state(), directory / tag / rng_file(rank))
+    hashes = {}  # path -> manifest entry, for the files this rank writes
+    _save_engine_hashed(engine, directory, tag, client_state, hashes)
+    _atomic_torch_save(rng_state(), directory / tag / rng_file(rank), hashes)
+    write_hashes_part(directory / tag, rank, hashes)
     _barrier()  # every rank's files are complete before the checkpoint is checksummed and published
     if rank == 0:
         save_resolved(config, directory / tag / "config.json")

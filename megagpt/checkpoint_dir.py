@@ -150,17 +150,81 @@ def _checksums(step_dir: Path, names: list[str]) -> dict[str, dict]:
     return files
 
 
+HASHES_PART = ".hashes.rank{}.json"  # each rank's hashes of the files it wrote, merged into the manifest
+
+
+class HashingWriter:
+    """A binary file object that hashes what is written, block by block, as ``write_manifest`` would read it
+    back: a save then needs no second pass over its bytes."""
+
+    def __init__(self, file):
+        import xxhash
+
+        self._file, self._new = file, xxhash.xxh3_64
+        self.size, self._hash, self._blocks = 0, self._new(), []
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            chunk = view[done:done + BLOCK_BYTES - self.size % BLOCK_BYTES]
+            self._hash.update(chunk)
+            self._file.write(chunk)
+            self.size += len(chunk)
+            done += len(chunk)
+            if self.size % BLOCK_BYTES == 0:
+                self._blocks.append(self._hash.hexdigest())
+                self._hash = self._new()
+        return len(view)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def entry(self) -> dict:
+        """The manifest entry of what was written."""
+        tail = [self._hash.hexdigest()] if self.size % BLOCK_BYTES or self.size == 0 else []
+        return {"size": self.size, HASH: self._blocks + tail}
+
+
+def torch_save_hashed(obj, path: str | os.PathLike, hashes: dict) -> None:
+    """``torch.save(obj, path)`` that records the file's manifest entry in ``hashes[path]``."""
+    import torch
+
+    with open(path, "wb") as f:
+        writer = HashingWriter(f)
+        torch.save(obj, writer)
+    hashes[os.fspath(path)] = writer.entry()
+
+
+def write_hashes_part(step_dir: str | os.PathLike, rank: int, hashes: dict) -> None:
+    """Leave this rank's hashes of the files it wrote into ``step_dir`` for ``write_manifest``."""
+    step_dir = Path(step_dir)
+    entries = {str(Path(p).relative_to(step_dir)): e for p, e in hashes.items() if Path(p).parent == step_dir
+               or step_dir in Path(p).parents}
+    atomic_write_text(step_dir / HASHES_PART.format(rank), json.dumps(entries))
+
+
 def _files_of(step_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*")
                   if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
 
 
 def write_manifest(step_dir: str | os.PathLike) -> Path:
-    """Checksum every file of ``step_dir`` (recursively; temporary dot-files excluded) into its manifest."""
+    """Hash every file of ``step_dir`` (recursively; dot-files excluded) into its manifest. Files whose hashes
+    the ranks recorded while writing them (``write_hashes_part``, at the size they have now) are not read
+    again; the rest are read back."""
     step_dir = Path(step_dir)
+    recorded = {}
+    for part in sorted(step_dir.glob(HASHES_PART.format("*"))):
+        recorded.update(json.loads(part.read_text()))
+    names = _files_of(step_dir)
+    known = {n: recorded[n] for n in names if n in recorded and recorded[n]["size"] == (step_dir / n).stat().st_size}
+    files = {**_checksums(step_dir, [n for n in names if n not in known]), **known}
     manifest = {"format": MANIFEST_FORMAT, "block_bytes": BLOCK_BYTES, "hash": HASH,
-                "files": _checksums(step_dir, _files_of(step_dir))}
+                "files": {n: files[n] for n in names}}
     atomic_write_text(step_dir / MANIFEST, json.dumps(manifest, indent=1))
+    for part in step_dir.glob(HASHES_PART.format("*")):
+        part.unlink()
     return step_dir / MANIFEST
 
 
@@ -273,5 +337,5 @@ def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[str]
 
 
 __all__ = ["DamagedCheckpoint", "LATEST", "MANIFEST", "atomic_write_text", "checkpoint_problems", "latest_tag", "load_torch_file", "prune_checkpoints",
-           "resume_tag", "rng_file", "saved_world_size", "step_tag", "step_tags", "tag_step", "verify_step_dir",
-           "write_manifest"]
+           "resume_tag", "rng_file", "saved_world_size", "step_tag", "step_tags", "tag_step", "torch_save_hashed",
+           "verify_step_dir", "write_hashes_part", "write_manifest", "HashingWriter"]

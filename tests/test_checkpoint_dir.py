@@ -114,3 +114,30 @@ def test_checkpoints_from_before_manifests_stay_good_beside_new_ones(tmp_path):
     truncate(tmp_path / "step10" / "config.json")
     tag, warnings = cd.resume_tag(tmp_path)
     assert tag == "step5" and "written before manifests (not verified)" in warnings[-1]
+
+
+@pytest.mark.parametrize("size", [0, 1, 99, 100, 250, 300])
+def test_hashes_taken_while_writing_equal_a_read_back(tmp_path, monkeypatch, size):
+    monkeypatch.setattr(cd, "BLOCK_BYTES", 100)
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    with open(tmp_path / "f.bin", "wb") as f:
+        writer = cd.HashingWriter(f)
+        for start in range(0, size, 37):  # writes that straddle block boundaries
+            writer.write(data[start:start + 37])
+    assert writer.entry() == cd._checksums(tmp_path, ["f.bin"])["f.bin"]
+
+
+def test_manifest_takes_recorded_hashes_and_reads_back_the_rest(tmp_path, monkeypatch):
+    step_dir = tmp_path / "step1"
+    step_dir.mkdir()
+    hashes = {}
+    cd.torch_save_hashed({"w": torch.arange(10)}, step_dir / "model.pt", hashes)
+    (step_dir / "config.json").write_text("{}")  # written without hashing
+    cd.write_hashes_part(step_dir, 0, hashes)
+    read_back = []
+    checksums = cd._checksums
+    monkeypatch.setattr(cd, "_checksums", lambda d, names: read_back.extend(names) or checksums(d, names))
+    cd.write_manifest(step_dir)
+    assert read_back == ["config.json"] and not list(step_dir.glob(".hashes*"))
+    monkeypatch.setattr(cd, "_checksums", checksums)
+    assert cd.checkpoint_problems(step_dir) == []
