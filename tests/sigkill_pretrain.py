@@ -69,6 +69,15 @@ if "MEGAGPT_TEST_KILL_IN_SAVE" in os.environ:
         return _torch_save(obj, f, *args, **kwargs)
 
     torch.save = _half_save_then_kill
+    from megagpt import checkpoint  # noqa: E402
+
+    _hashed_save = checkpoint.torch_save_hashed
+
+    def _half_hashed_save_then_kill(obj, path, hashes):  # saves hash as they write (megagpt/checkpoint_dir.py)
+        _half_save_then_kill(obj, path)
+        return _hashed_save(obj, path, hashes)
+
+    checkpoint.torch_save_hashed = _half_hashed_save_then_kill
 
 if __name__ == "__main__":
     sys.exit(pretrain.main())
