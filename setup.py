@@ -56,7 +56,8 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "train": ["deepspeed>=0.15", "bitsandbytes>=0.43", "triton>=3.0", "tensorboard", "matplotlib"],
+        # xxhash: checkpoint manifests (megagpt/checkpoint_dir.py)
+        "train": ["deepspeed>=0.15", "bitsandbytes>=0.43", "triton>=3.0", "tensorboard", "matplotlib", "xxhash>=3"],
         "hf": ["transformers>=5.0"],  # the exported custom code uses transformers 5 configs
         # EleutherAI's harness (megagpt/lm_eval_adapter.py, tools/lm_eval.py); accelerate: its "hf" model
         "eval": ["lm_eval>=0.4.5", "accelerate>=0.26"],

@@ -5,11 +5,15 @@ Layout of a save directory::
     save/step500/            DeepSpeed's model and optimizer files, plus
     save/step500/config.json the resolved config of the run
     save/step500/rng_rank{r}.pt  each rank's python/numpy/torch RNG states and its own GPU's CUDA one
+    save/step500/manifest.json every file's size and checksum
     save/latest              "step500", written last
 
 DeepSpeed would write ``latest`` itself before all ranks finished their files; we pass
-``save_latest=False`` and replace ``latest`` atomically only after every rank has written
-everything (a barrier), so a crash during a save leaves ``latest`` on the previous, whole checkpoint.
+``save_latest=False`` and, only after every rank has written everything (a barrier), write the
+manifest and then replace ``latest`` atomically, so a crash during a save leaves ``latest`` on the
+previous, whole checkpoint. The directory's conventions (tags, ``latest``, manifests, retention, which
+checkpoint to resume) live in megagpt/checkpoint_dir.py; this module saves and loads.
+Nothing is saved from non-finite weights (``NonFiniteWeights``).
 RNG states are per rank (dropout differs by rank), so they go in per-rank files, not in
 ``client_state``, which DeepSpeed stores from rank 0 only.
 """
@@ -17,27 +21,22 @@ from __future__ import annotations
 
 import os
 import random
-import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from megagpt.checkpoint_dir import (LATEST, DamagedCheckpoint, atomic_write_text, load_torch_file, prune_checkpoints,
+                                    resume_tag, rng_file, saved_world_size, step_tag, tag_step, torch_save_hashed,
+                                    write_hashes_part, write_manifest)
 from megagpt.config import Config, save_resolved
 from megagpt.convert.universal import is_universal_dir
 from megagpt.zero_checkpoint import load_zero_state, read_zero_state, zero_shard_files
 
-LATEST = "latest"
-_TAG = re.compile(r"^step(\d+)$")
-_RNG_FILE = re.compile(r"^rng_rank(\d+)\.pt$")
 
-
-def step_tag(step: int) -> str:
-    """The checkpoint tag (directory name) of optimizer step ``step``."""
-    return f"step{step}"
+class NonFiniteWeights(RuntimeError):
+    """Raised instead of saving a checkpoint whose weights hold NaN or inf."""
 
 
 def _barrier() -> None:
@@ -45,24 +44,27 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
+def _atomic_torch_save(obj, path: Path, hashes: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    torch_save_hashed(obj, tmp, hashes)
     os.replace(tmp, path)
+    hashes[os.fspath(path)] = hashes.pop(os.fspath(tmp))
+
+
+def _save_engine_hashed(engine, directory: Path, tag: str, client_state: dict, hashes: dict) -> None:
+    """``engine.save_checkpoint`` with every file DeepSpeed's torch checkpoint engine writes hashed as it is
+    written (for the manifest, without reading it back). Other checkpoint engines save as they do."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    hashable = type(checkpoint_engine) is TorchCheckpointEngine
+    if hashable:
+        checkpoint_engine.save = lambda state_dict, path: torch_save_hashed(state_dict, path, hashes)
+    try:
+        engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+    finally:
+        if hashable:
+            del checkpoint_engine.save  # the class's own method again
 
 
 def rng_state(device: torch.device | None = None) -> dict:
@@ -92,63 +94,60 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
-def latest_tag(directory: str | os.PathLike) -> str | None:
-    """The tag named by ``directory/latest``, or None when there is no checkpoint yet.
-
-    ValueError when ``latest`` names a directory that does not exist (it was deleted by hand)."""
-    path = Path(directory) / LATEST
-    if not path.exists():
-        return None
-    tag = path.read_text().strip()
-    if not (Path(directory) / tag).is_dir():
-        raise ValueError(f"{path} names checkpoint {tag!r} but {Path(directory) / tag} does not exist; "
-                         f"point {path} at an existing step directory or delete it to start afresh")
-    return tag
-
-
-def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[str]:
-    """Delete all but the newest ``keep_last`` step directories (0 keeps all); never the one ``latest``
-    names. Returns the tags removed."""
-    if keep_last <= 0:
-        return []
-    directory = Path(directory)
-    tags = sorted((int(m.group(1)), p.name) for p in directory.iterdir()
-                  if p.is_dir() and (m := _TAG.match(p.name)))
-    current = latest_tag(directory)
-    removed = []
-    for _, tag in tags[:-keep_last]:
-        if tag != current:
-            shutil.rmtree(directory / tag)
-            removed.append(tag)
-    return removed
+def weights_are_finite(engine) -> bool:
+    """True when every weight this rank holds is finite (one device sync; run at saves, not per step)."""
+    params = [p.detach() for p in engine.module.parameters()]
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all().item()) if params else True
 
 
 def save_checkpoint(engine, directory: str | os.PathLike, step: int, client_state: dict, config: Config,
                     rank: int) -> str:
-    """Save the engine and ``client_state`` as ``step{step}`` on every rank, then publish it as ``latest``
-    and prune to ``config.checkpoint.keep_last``. Collective: every rank must call it. Returns the tag."""
+    """Save the engine and ``client_state`` as ``step{step}`` on every rank, then (rank 0) checksum it into its
+    manifest, publish it as ``latest`` and prune to ``config.checkpoint.keep_last``. Collective: every rank
+    must call it. The caller checks ``weights_are_finite`` on every rank first. Returns the tag."""
     directory = Path(directory)
     tag = step_tag(step)
-    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
-    _atomic_torch_save(rng_state(engine.device), directory / tag / f"rng_rank{rank}.pt")
-    _barrier()  # every rank's files are complete before the checkpoint is published
+    hashes = {}  # path -> manifest entry, for the files this rank writes
+    _save_engine_hashed(engine, directory, tag, client_state, hashes)
+    _atomic_torch_save(rng_state(engine.device), directory / tag / rng_file(rank), hashes)
+    write_hashes_part(directory / tag, rank, hashes)
+    _barrier()  # every rank's files are complete before the checkpoint is checksummed and published
     if rank == 0:
         save_resolved(config, directory / tag / "config.json")
-        _atomic_write_text(directory / LATEST, tag)
+        write_manifest(directory / tag)
+        atomic_write_text(directory / LATEST, tag)
         prune_checkpoints(directory, config.checkpoint.keep_last)
     _barrier()
     return tag
 
 
-def saved_world_size(step_dir: str | os.PathLike) -> int:
-    """How many ranks wrote the checkpoint in ``step_dir`` (one RNG file each)."""
-    return sum(1 for p in Path(step_dir).iterdir() if _RNG_FILE.match(p.name))
+def _choose_resume_tag(engine, directory: Path, rank: int, strict: bool) -> str | None:
+    """Rank 0 verifies the checkpoints (checksums: once, not per rank) and every rank gets its choice."""
+    choice, error = -1, None
+    if rank == 0:
+        try:
+            tag, warnings = resume_tag(directory, strict)
+            for warning in warnings:
+                print(f"WARNING: {warning}", flush=True)
+            choice = -1 if tag is None else tag_step(tag)
+        except DamagedCheckpoint as err:
+            choice, error = -2, err
+    if dist.is_available() and dist.is_initialized():
+        value = torch.tensor([choice], dtype=torch.int64, device=engine.device)
+        dist.broadcast(value, src=0)
+        choice = int(value.item())
+    if error is not None:
+        raise error
+    if choice == -2:
+        raise DamagedCheckpoint(f"rank 0 refused the checkpoints in {directory} (its message says why)")
+    return None if choice == -1 else step_tag(choice)
 
 
 def load_checkpoint(engine, directory: str | os.PathLike, rank: int, world_size: int,
-                    seed: int) -> dict | None:
+                    seed: int, strict: bool = False) -> dict | None:
     """Load the checkpoint ``directory/latest`` names into ``engine``; return its client state, or None when
-    the directory has no checkpoint.
+    the directory has no checkpoint. A damaged or incomplete one (its manifest, megagpt/checkpoint_dir.py) is
+    named with what is wrong and the newest intact one is loaded instead (``strict``: ValueError).
 
     Written by the same number of ranks: everything, RNG states included, is restored exactly.
     Written by another data-parallel size: ZeRO-1/2 optimizer shards are resharded
@@ -158,11 +157,11 @@ def load_checkpoint(engine, directory: str | os.PathLike, rank: int, world_size:
     Written with another tensor- or pipeline-parallel size, or ``directory`` is a universal checkpoint
     (tools/convert_checkpoint.py): loaded through megagpt/convert (any tp, pp, dp; ZeRO 0/1/2, pp>1 ZeRO-1).
     """
-    from megagpt.convert.resume import (model_parallel_layout_changed, resume_converted_in_memory,
-                                        resume_universal_dir)
+    from megagpt.convert.resume import (model_parallel_layout_changed, reseed_for_new_layout,
+                                        resume_converted_in_memory, resume_universal_dir)
     if is_universal_dir(directory):  # consolidated by tools/convert_checkpoint.py: resumes in any (tp, dp) layout
         return resume_universal_dir(engine, directory, rank, seed)
-    tag = latest_tag(directory)
+    tag = _choose_resume_tag(engine, Path(directory), rank, strict)
     if tag is None:
         return None
     step_dir = Path(directory) / tag
@@ -188,41 +187,15 @@ def load_checkpoint(engine, directory: str | os.PathLike, rank: int, world_size:
     if path is None:
         raise ValueError(f"DeepSpeed could not load checkpoint {tag!r} from {directory}")
     if saved_world_size(step_dir) == world_size:
-        rng_file = step_dir / f"rng_rank{rank}.pt"
+        path = step_dir / rng_file(rank)
         try:
-            set_rng_state(torch.load(rng_file, weights_only=False), engine.device)
+            set_rng_state(load_torch_file(path), engine.device)
         except ValueError as err:
-            raise ValueError(f"{rng_file}: {err}") from err
+            raise ValueError(f"{path}: {err}") from err
     else:
-        reseed_for_new_layout(engine, seed, int(_TAG.match(tag).group(1)), rank)
+        reseed_for_new_layout(engine, seed, tag_step(tag), rank)
         if rank == 0:
             print(f"note: {step_dir} was written by {saved_world_size(step_dir)} ranks, this run has {world_size}"
                   f"{' (ZeRO optimizer state resharded)' if reshard else ''}; RNG streams reseeded per rank",
                   flush=True)
     return client_state
-
-
-def reseed_for_new_layout(engine, seed: int, step: int, rank: int) -> None:
-    """Seed python/numpy/torch RNGs from (seed, step, rank // tp) after resuming in another layout, where the
-    old ranks' streams cannot be mapped onto the new ones. Tensor-parallel ranks are adjacent, so one group
-    shares a stream (its ranks must draw the same dropout masks) and other groups differ."""
-    from megagpt.convert.resume import tp_coords
-
-    value = seed * 1_000_003 + step * 1_009 + rank // tp_coords(engine)[1]
-    random.seed(value)
-    np.random.seed(value % 2**32)
-    torch.manual_seed(value)
-
-
-def resolve_model_states(path: str | os.PathLike) -> tuple[Path, Path]:
-    """For a training ``--save`` directory (its ``latest``) or one step directory: the DeepSpeed model-states
-    file and the resolved config beside it. Only single-shard (tp = pp = 1) checkpoints hold the whole model."""
-    path = Path(path)
-    step_dir = path
-    if (path / LATEST).exists():
-        step_dir = path / latest_tag(path)
-    states = step_dir / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        raise ValueError(f"{path} is neither a training save directory with a 'latest' file nor a step directory "
-                         f"holding mp_rank_00_model_states.pt")
-    return states, step_dir / "config.json"

@@ -317,6 +317,32 @@ class MetricsLogger:
             "MFU n/a" if mfu is None else f"MFU {100 * mfu:.1f}%"])
         self._write(record, scalars, step, line)
 
+    def log_skip(self, step: int, skipped_total: int, consecutive: int) -> None:
+        """Record an optimizer step skipped because its loss or gradient norm was not finite."""
+        if self.rank != 0:
+            return
+        record = {"step": step, "skipped_step": True, "skipped_total": skipped_total, "consecutive": consecutive,
+                  "time": time.time()}
+        self._write(record, {"train/skipped_steps": float(skipped_total)}, step,
+                    f"step {step} | SKIPPED: non-finite loss or gradient norm ({consecutive} in a row, "
+                    f"{skipped_total} in all); weights, optimizer and schedules unchanged")
+
+    def rewind(self, step: int) -> None:
+        """Drop the records after ``step`` (a spike recovery rolled the run back to it), as a resume does."""
+        if self.rank != 0:
+            return
+        self._file.close()
+        _truncate_after(self.path, step)
+        self._file = open(self.path, "a")
+
+    def log_rollback(self, step: int, recovery: dict) -> None:
+        """Record a loss-spike recovery that rolled the run back to ``step``."""
+        if self.rank != 0:
+            return
+        self._write({"step": step, "rollback": recovery, "time": time.time()}, {}, step,
+                    f"step {step} | ROLLED BACK from a loss spike at step {recovery['spike_step']} (loss "
+                    f"{recovery['loss']:.4f}); samples {recovery['skipped_samples']} skipped")
+
     def log_eval(self, step: int, loss: float, tokens: int | None = None) -> None:
         """Record a validation loss and its perplexity ``exp(loss)`` (inf when it overflows)."""
         if self.rank != 0:

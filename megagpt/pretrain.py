@@ -25,7 +25,7 @@ from megagpt.config import Config, format_config, load_config, parameter_count, 
 FLAG_OVERRIDES = {
     "train_iters": "schedule.train_iters", "save": "checkpoint.save", "load": "checkpoint.load",
     "save_interval": "checkpoint.save_interval", "log_interval": "logging.log_interval",
-    "eval_interval": "logging.eval_interval", "seed": "seed",
+    "eval_interval": "logging.eval_interval", "seed": "seed", "strict_resume": "checkpoint.strict_resume",
 }
 GIB = 1024 ** 3
 
@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-interval", type=int)
     parser.add_argument("--eval-interval", type=int)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--strict-resume", action="store_true", default=None,
+                        help="refuse to start when the newest checkpoint is damaged, instead of resuming the newest "
+                             "intact one with a warning")
     parser.add_argument("--exit-interval", type=int,
                         help="save and exit at the first step that is a multiple of this (Megatron's flag)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -145,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from megagpt.engine import (build_engine, build_process_groups, check_device_support, init_distributed,
                                 launch_from_env)
+    from megagpt.checkpoint import NonFiniteWeights
+    from megagpt.checkpoint_dir import DamagedCheckpoint
+    from megagpt.stability import TrainingDiverged
     from megagpt.training import resume_directory, train
 
     try:
@@ -157,7 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         print(format_config(config), flush=True)
     groups = build_process_groups(config, launch)
     engine = build_engine(config, launch, groups, init_weights=resume_directory(config) is None)
-    state = train(config, engine, launch, groups, exit_interval=args.exit_interval)
+    try:
+        state = train(config, engine, launch, groups, exit_interval=args.exit_interval)
+    except (TrainingDiverged, NonFiniteWeights) as err:  # every rank agreed on it: one message, exit status 3
+        if launch.is_main:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 3
+    except DamagedCheckpoint as err:
+        if launch.is_main:
+            print(f"checkpoint error: {err}", file=sys.stderr, flush=True)
+        return 2
     if launch.is_main:
         print(f"done: step {state.step}, {state.tokens:,} tokens", flush=True)
     return 0

@@ -5,7 +5,8 @@ warmup re-packs each into (inputs, labels) rows of the step's length, every labe
 per step); the LR schedule sets the learning rate; then each micro batch runs forward, ``engine.backward``
 and ``engine.step`` (DeepSpeed accumulates and steps the optimizer on the last one). Everything that decides what a step
 computes — loader position, schedules, RNG states — is checkpointed, so a resumed run repeats the
-uninterrupted one bit for bit.
+uninterrupted one bit for bit. A step that is not finite on any rank is skipped everywhere, and loss spikes
+can roll the run back to its newest checkpoint (megagpt/stability.py).
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megagpt.checkpoint import latest_tag, load_checkpoint, save_checkpoint
+from megagpt.checkpoint import NonFiniteWeights, load_checkpoint, save_checkpoint, weights_are_finite
+from megagpt.checkpoint_dir import latest_tag, tag_step
 from megagpt.config import Config
 from megagpt.convert.universal import is_universal_dir
 from megagpt.engine import Launch
 from megagpt.optim import LRSchedule, LRScheduler, SeqLenSchedule, SeqLenWarmup, restore_paged_state
+from megagpt.stability import NonFiniteGuard, SpikeDetector, TrainingDiverged, append_recovery, read_recoveries
 
 
 CLIENT_STATE_KEY = "megagpt"
@@ -42,9 +45,11 @@ def build_datasets(config: Config, launch: Launch):
     evaluations are comparable). Rank 0 builds the index caches first; the others then read them."""
     from megagpt.data.blend import build_blended_datasets
 
-    data, batch = config.data, config.batch
-    num_samples = (config.schedule.train_iters * batch.global_batch, config.logging.eval_iters * batch.global_batch,
-                   0)
+    data, batch, stability = config.data, config.batch, config.stability
+    train_steps = config.schedule.train_iters
+    if stability.spike_recovery:  # batches skipped after spikes are replaced by later ones
+        train_steps += stability.max_rollbacks * stability.spike_skip_batches
+    num_samples = (train_steps * batch.global_batch, config.logging.eval_iters * batch.global_batch, 0)
 
     def build():
         return build_blended_datasets(list(data.data_path), data.split, config.model.seq_len, num_samples,
@@ -209,20 +214,32 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
     lr_scheduler, warmup = build_schedules(config)
     state = TrainState()
     save_dir = config.checkpoint.save
-    resume_step = _resume(engine, config, launch, loader, lr_scheduler, warmup, state)
+    stability = config.stability
+    detector = SpikeDetector(stability.spike_window, stability.spike_std,
+                             stability.spike_ratio) if stability.spike_recovery else None
+    resume_step = _resume(engine, config, launch, loader, lr_scheduler, warmup, state, detector)
 
     metrics_dir = save_dir or tempfile.mkdtemp(prefix="megagpt-metrics-")
     device_name = torch.cuda.get_device_name(launch.device) if launch.device.type == "cuda" else "cpu"
     peak = resolve_peak_tflops(config.logging.peak_tflops_per_device, device_name, config.parallel.precision)
     sync = torch.cuda.synchronize if launch.device.type == "cuda" else None
 
+    guard = NonFiniteGuard(engine, stability.max_consecutive_skips, lambda flag: _any_rank(flag, launch.device),
+                           enabled=stability.skip_non_finite)
+
     def save() -> None:
         if save_dir is not None:
+            # never write, and never rotate in, a broken state
+            if _any_rank(not weights_are_finite(engine), launch.device):
+                raise NonFiniteWeights(f"the weights at step {state.step} are not finite on some rank: no checkpoint "
+                                       f"written; the last good one is {_last_good(save_dir)}")
             # one key of our own: DeepSpeed drops client keys that clash with its own (e.g. "lr_scheduler")
             client_state = {CLIENT_STATE_KEY: {
                 "loader": loader.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                 "seq_len_warmup": warmup.state_dict(), "step": state.step, "tokens": state.tokens,
                 "config": config.to_dict()}}
+            if detector is not None:
+                client_state[CLIENT_STATE_KEY]["spike_detector"] = detector.state_dict()
             save_checkpoint(engine, save_dir, state.step, client_state, config, launch.rank)
 
     with MetricsLogger(metrics_dir, config.logging, launch.rank, resume_step=resume_step,
@@ -232,11 +249,15 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
         timer, losses = StepTimer(sync), []
         saved_at = state.step
         pipeline, pipeline_len = _is_pipeline(engine), None
+        step_starts = {}  # step -> the loader position its batch starts at (what a spike recovery skips)
         while state.step < config.schedule.train_iters:
-            seq_len = warmup.seq_len
+            seq_len, warmup_state = warmup.seq_len, warmup.state_dict()
+            batches = loader.next_step()
+            step_starts[state.step + 1] = loader.consumed_samples - config.batch.global_batch
             # each micro batch keeps its own samples' labels, every one of them (megagpt/optim/seq_len_schedule.py)
-            micro_batches = warmup.next_step([torch.from_numpy(m) for m in loader.next_step()])
+            micro_batches = warmup.next_step([torch.from_numpy(m) for m in batches])
             step_tokens = config.tokens_per_step  # every label of the step's samples, whatever the row length
+            schedules_before = (lr_scheduler.state_dict(), warmup_state)  # restored if the step is skipped
             lr = lr_scheduler.step(step_tokens, engine.optimizer)
             step_losses, plain_norm = [], None
             if pipeline:
@@ -248,22 +269,42 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
             for batch in (() if pipeline else micro_batches):
                 loss = micro_loss(engine, batch, launch.device)
                 engine.backward(loss)
-                if (engine.is_gradient_accumulation_boundary() and logger.is_log_step(state.step + 1)
-                        and _plain_fp32_engine(engine)):
-                    # reduced, not yet clipped: what ZeRO reports
-                    plain_norm = _grad_norm(engine.module, launch.device,
-                                            groups.tp_group if groups.topology.tp > 1 else None)
+                guard.observe_loss(loss)
+                if engine.is_gradient_accumulation_boundary():
+                    guard.decide()  # once per optimizer step: any rank non-finite -> every rank skips
+                    if logger.is_log_step(state.step + 1) and _plain_fp32_engine(engine):
+                        # reduced, not yet clipped: what ZeRO reports
+                        plain_norm = _grad_norm(engine.module, launch.device,
+                                                groups.tp_group if groups.topology.tp > 1 else None)
                 engine.step()
                 step_losses.append(loss.detach())
             state.step += 1
-            state.tokens += step_tokens
-            timer.add_tokens(step_tokens)
-            # kept on the device: reading it back (.item()) every step would sync the GPU each step
-            losses.append(torch.stack(step_losses).float().mean())
+            if guard.finish_step():
+                # weights and optimizer untouched; the schedules go back to where this step found them
+                lr_scheduler.load_state_dict(schedules_before[0])
+                warmup.load_state_dict(schedules_before[1])
+                logger.log_skip(state.step, guard.skipped_total, guard.consecutive)
+                guard.raise_if_diverged(state.step, _last_good(save_dir))
+            else:
+                state.tokens += step_tokens
+                timer.add_tokens(step_tokens)
+                # kept on the device: reading it back (.item()) every step would sync the GPU each step
+                losses.append(torch.stack(step_losses).float().mean())
+                if detector is not None:  # the one host sync per step that spike recovery costs
+                    loss_now = _mean_over_ranks(losses[-1].item(), launch.world_size, launch.device)
+                    if detector.is_spike(loss_now):
+                        _roll_back(engine, config, launch, loader, lr_scheduler, warmup, state, detector, logger,
+                                   step_starts, loss_now)
+                        losses, step_starts = [], {}
+                        saved_at = state.step
+                        timer.restart()
+                        continue
+                    detector.add(loss_now)
 
             if logger.is_log_step(state.step):
-                loss_avg = _mean_over_ranks(float(np.mean([x.item() for x in losses])), launch.world_size,
-                                            launch.device)
+                # a window of skipped steps only has no loss to report
+                loss_avg = _mean_over_ranks(float(np.mean([x.item() for x in losses])) if losses else math.nan,
+                                            launch.world_size, launch.device)
                 tokens_per_sec, _ = timer.lap()
                 fpt = flops_per_token(config.model, seq_len)
                 tflops = tflops_per_device(tokens_per_sec, launch.world_size, fpt)
@@ -290,6 +331,12 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
     return state
 
 
+def _last_good(save_dir: str | None) -> str | None:
+    """The checkpoint a diverged or stopped run can resume from (the one ``latest`` names)."""
+    tag = latest_tag(save_dir) if save_dir is not None else None
+    return None if tag is None else f"{save_dir}/{tag}"
+
+
 def resume_directory(config: Config) -> str | None:
     """The directory a run resumes from: ``checkpoint.save`` if it has a checkpoint (re-running the same command
     continues), else ``checkpoint.load`` if it has one; None for a fresh start."""
@@ -298,7 +345,36 @@ def resume_directory(config: Config) -> str | None:
     return next((d for d in candidates if latest_tag(d) is not None or is_universal_dir(d)), None)
 
 
-def _resume(engine, config: Config, launch: Launch, loader, lr_scheduler, warmup, state: TrainState) -> int | None:
+def _roll_back(engine, config: Config, launch: Launch, loader, lr_scheduler, warmup, state: TrainState, detector,
+               logger, step_starts: dict, loss: float) -> None:
+    """Loss spike at ``state.step``: record the samples of the ``spike_skip_batches`` steps up to it (those
+    after the newest checkpoint) in ``recoveries.json``, reload that checkpoint, and go on without them."""
+    stability, save_dir, spike_step = config.stability, config.checkpoint.save, state.step
+    tag = latest_tag(save_dir) if save_dir is not None else None
+    recoveries = read_recoveries(save_dir)
+    if tag is None or len(recoveries) >= stability.max_rollbacks:
+        why = ("there is no checkpoint to roll back to" if tag is None else
+               f"stability.max_rollbacks={stability.max_rollbacks} recoveries were made already")
+        raise TrainingDiverged(f"loss spike at step {spike_step} (loss {loss:.4f}, recent mean "
+                               f"{np.mean(detector.recent):.4f}) and {why}; nothing more was saved. Last good "
+                               f"checkpoint: {_last_good(save_dir)}")
+    good_step = tag_step(tag)
+    first = max(spike_step - stability.spike_skip_batches + 1, good_step + 1)
+    record = {"spike_step": spike_step, "loss": loss, "rolled_back_to": good_step,
+              "skipped_samples": [step_starts[first], loader.consumed_samples]}
+    if launch.is_main:
+        append_recovery(save_dir, record)  # before the rollback: a run killed from here on skips them too
+        print(f"loss spike at step {spike_step} (loss {loss:.4f}, recent mean {np.mean(detector.recent):.4f}): "
+              f"rolling back to {save_dir}/{tag} and skipping samples {record['skipped_samples']} (the batches of "
+              f"steps {first}-{spike_step})", flush=True)
+    _barrier()
+    _resume(engine, config, launch, loader, lr_scheduler, warmup, state, detector)
+    logger.rewind(good_step)
+    logger.log_rollback(good_step, record)
+
+
+def _resume(engine, config: Config, launch: Launch, loader, lr_scheduler, warmup, state: TrainState,
+            detector=None) -> int | None:
     """Load the latest checkpoint and restore every counter; returns the resumed step, or None for a fresh
     start. ``checkpoint.save`` is looked at first (this run's own newer checkpoints, so re-running the same
     command continues), then ``checkpoint.load`` (where a new run starts from)."""
@@ -307,7 +383,8 @@ def _resume(engine, config: Config, launch: Launch, loader, lr_scheduler, warmup
         if config.checkpoint.load is not None and launch.is_main:
             print(f"checkpoint.load={config.checkpoint.load} has no checkpoint: starting from scratch", flush=True)
         return None
-    client_state = load_checkpoint(engine, directory, launch.rank, launch.world_size, config.seed)
+    client_state = load_checkpoint(engine, directory, launch.rank, launch.world_size, config.seed,
+                                   strict=config.checkpoint.strict_resume)
     restore_paged_state(engine.optimizer)  # loading fills a paged 8-bit optimizer's state with plain tensors
     if CLIENT_STATE_KEY not in client_state:
         raise ValueError(f"the checkpoint in {directory} has no {CLIENT_STATE_KEY!r} state: it was not written by "
@@ -317,6 +394,10 @@ def _resume(engine, config: Config, launch: Launch, loader, lr_scheduler, warmup
     lr_scheduler.load_state_dict(client_state["lr_scheduler"])
     warmup.load_state_dict(client_state["seq_len_warmup"])
     state.step, state.tokens = int(client_state["step"]), int(client_state["tokens"])
+    for recovery in read_recoveries(config.checkpoint.save):  # spike recoveries after this checkpoint was taken
+        loader.skip(*recovery["skipped_samples"])
+    if detector is not None and "spike_detector" in client_state:
+        detector.load_state_dict(client_state["spike_detector"])
     changed = _changed_fields(client_state["config"], config.to_dict())
     if changed and launch.is_main:
         print(f"note: resuming with config values changed since the checkpoint: {', '.join(changed)}", flush=True)

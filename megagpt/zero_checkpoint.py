@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from megagpt.checkpoint_dir import load_torch_file
+
 _SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _BNB_WRAPPED = "__bnb_optimizer_quant_state__"  # bitsandbytes nests its tensors under this key
 BNB_BLOCKSIZE = 256  # bitsandbytes' blockwise 8-bit optimizers quantise in blocks of 256
@@ -123,8 +125,8 @@ def read_zero_state(step_dir: str | Path, mp_rank: int = 0) -> ZeroState:
     files = zero_shard_files(step_dir, mp_rank)
     if not files:
         raise ValueError(f"{step_dir} holds no ZeRO-1/2 optimizer shards")
-    # Our own checkpoints; DeepSpeed pickles enums and dataclasses in them, so weights_only cannot be used.
-    shards = [torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"] for path in files]
+    # weights_only with the allow-list of the types DeepSpeed pickles in them (checkpoint_dir.load_torch_file)
+    shards = [load_torch_file(path)["optimizer_state_dict"] for path in files]
     stage = _zero_stage_of(shards[0])
     if stage not in (1, 2):
         raise ValueError(f"{files[0]} was written under ZeRO stage {stage}; only ZeRO-1/2 optimizer state can be "

@@ -8,6 +8,8 @@ and every rank.
 the step's checkpoint, if it has one).
 ``MEGAGPT_TEST_KILL_IN_SAVE=N``: while checkpoint ``stepN`` is being written: the first of its files
 gets half its bytes, then the kill.
+``MEGAGPT_TEST_KILL_IN_ROLLBACK=1``: during a loss-spike recovery, right after it is recorded and before the
+rollback. ``MEGAGPT_TEST_FAULT``: the faults of tests/fault_pretrain.py.
 """
 import io
 import os
@@ -17,13 +19,27 @@ from pathlib import Path
 
 import torch
 
-from megagpt import metrics, pretrain
+# this checkout's megagpt, not whichever one is installed
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from megagpt import metrics, pretrain  # noqa: E402
 
 
 def _kill_group() -> None:
     sys.stdout.flush()
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
+
+if "MEGAGPT_TEST_FAULT" in os.environ:
+    import fault_pretrain  # noqa: E402,F401  (patches the loss at import)
+
+if "MEGAGPT_TEST_KILL_IN_ROLLBACK" in os.environ:
+    from megagpt import stability, training  # noqa: E402
+
+    def _record_then_kill(save_dir, record):
+        stability.append_recovery(save_dir, record)
+        _kill_group()
+
+    training.append_recovery = _record_then_kill
 
 if "MEGAGPT_TEST_KILL_AFTER_STEP" in os.environ:
     _kill_step = int(os.environ["MEGAGPT_TEST_KILL_AFTER_STEP"])
@@ -53,6 +69,15 @@ if "MEGAGPT_TEST_KILL_IN_SAVE" in os.environ:
         return _torch_save(obj, f, *args, **kwargs)
 
     torch.save = _half_save_then_kill
+    from megagpt import checkpoint  # noqa: E402
+
+    _hashed_save = checkpoint.torch_save_hashed
+
+    def _half_hashed_save_then_kill(obj, path, hashes):  # saves hash as they write (megagpt/checkpoint_dir.py)
+        _half_save_then_kill(obj, path)
+        return _hashed_save(obj, path, hashes)
+
+    checkpoint.torch_save_hashed = _half_hashed_save_then_kill
 
 if __name__ == "__main__":
     sys.exit(pretrain.main())

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from megagpt.checkpoint import latest_tag, prune_checkpoints, rng_state, set_rng_state
-
+from megagpt.checkpoint import rng_state, set_rng_state
+from megagpt.checkpoint_dir import latest_tag, prune_checkpoints
 
 
 def make_steps(directory: Path, steps, latest):

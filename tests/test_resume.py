@@ -110,7 +110,7 @@ def test_two_ranks_zero1_bf16_8bit_with_seq_len_stages_resume_bitwise(tiny_run):
     assert logged_numbers(split) == logged_numbers(whole)
     assert sorted(os.listdir(root / "dp2_whole" / "step6")) == [
         "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
-        "config.json", "mp_rank_00_model_states.pt", "rng_rank0.pt", "rng_rank1.pt"]
+        "config.json", "manifest.json", "mp_rank_00_model_states.pt", "rng_rank0.pt", "rng_rank1.pt"]
 
 
 def test_sigterm_saves_a_checkpoint_at_the_step_reached_then_exits_cleanly(tiny_run):
@@ -136,3 +136,64 @@ def test_sigterm_saves_a_checkpoint_at_the_step_reached_then_exits_cleanly(tiny_
     assert 3 <= last_step < 5000
     assert (save / "latest").read_text().strip() == f"step{last_step}"
     assert f"stopping at step {last_step}" in out
+
+
+@pytest.mark.parametrize("damage", ["truncated"])  # a missing file: tests/test_checkpoint_dir.py (same path)
+def test_a_damaged_newest_checkpoint_resumes_from_the_newest_intact_one(tiny_run, damage):
+    """One file of step 10 truncated (a full disk) or gone (an interrupted copy). Before: the resume died in
+    ``PytorchStreamReader failed reading zip archive``. Now: --strict-resume refuses naming the file; without it
+    the run warns, resumes from step 5 and logs exactly what the uninterrupted run logged."""
+    root, config = tiny_run
+    save = root / f"damaged_{damage}"
+    common = ["--config", str(config), "--save", str(save), "--train-iters", "10", "--set", "parallel.zero_stage=1"]
+    run_training("python", common, 29690)
+    whole = read_jsonl(save / "metrics.jsonl")
+    victim = save / "step10" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    if damage == "truncated":
+        with open(victim, "r+b") as f:
+            f.truncate(victim.stat().st_size // 2)
+    else:
+        victim.unlink()
+    refused = run_training("python", [*common, "--strict-resume"], 29691, expect=2)
+    assert f"{victim} is" in refused.stderr and "--strict-resume refuses" in refused.stderr
+    resumed = run_training("python", common, 29692)
+    assert f"WARNING: checkpoint {save / 'step10'} is damaged or incomplete: {victim} is" in resumed.stdout
+    assert f"resuming from {save / 'step5'}" in resumed.stdout and "at step 5" in resumed.stdout
+    assert logged_numbers(read_jsonl(save / "metrics.jsonl")) == logged_numbers(whole)
+    assert (save / "latest").read_text() == "step10" and victim.stat().st_size > 0
+
+
+SPIKE = ["--set", "stability.spike_recovery=true", "--set", "stability.spike_window=3", "--set",
+         "stability.spike_std=3", "--set", "stability.spike_skip_batches=2"]
+
+
+@pytest.mark.parametrize("kill", ["in_rollback", "after_rollback"])
+def test_sigkill_during_or_after_a_spike_recovery_resumes_bitwise(tiny_run, kill):
+    """A loss spike injected into the batch of step 8: the run rolls back to step 5 and never trains on the
+    batches of steps 7-8. SIGKILLed while recording the recovery, or after step 12 (step 10 saved since), the
+    same command again logs exactly what the uninterrupted run logged."""
+    root, config = tiny_run
+    common = ["--config", str(config), *SPIKE]
+    fault = {"MEGAGPT_TEST_FAULT": "spike:0:8"}
+    whole, split = root / f"spike_whole_{kill}", root / f"spike_split_{kill}"
+    result = run_training("python", [*common, "--save", str(whole)], 29700, script=KILLING_PRETRAIN, env=fault)
+    assert "loss spike at step 8" in result.stdout and f"rolling back to {whole}/step5" in result.stdout
+    records = read_jsonl(whole / "metrics.jsonl")
+    rollback = [r for r in records if "rollback" in r]
+    assert [(r["step"], r["rollback"]["spike_step"], r["rollback"]["skipped_samples"]) for r in rollback] == [
+        (5, 8, [6 * 8, 8 * 8])]  # the samples of steps 7 and 8 (global batch 8)
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 21)) and max(losses(records)) < 5
+
+    env = dict(fault, **({"MEGAGPT_TEST_KILL_IN_ROLLBACK": "1"} if kill == "in_rollback" else
+                         {"MEGAGPT_TEST_KILL_AFTER_STEP": "12"}))
+    killed_run("python", [*common, "--save", str(split)], 29701, env=env)
+    if kill == "after_rollback":
+        assert (split / "latest").read_text() == "step10"
+    resumed = run_training("python", [*common, "--save", str(split)], 29702, script=KILLING_PRETRAIN, env=fault)
+    assert "loss spike" not in resumed.stdout  # the recorded recovery is not made again
+    # the rollback record of metrics.jsonl is an event, not a number: killed before it was written, the resumed
+    # run lacks it (recoveries.json has it)
+    numbers = [logged_numbers([r for r in read_jsonl(path) if "rollback" not in r])
+               for path in (split / "metrics.jsonl", whole / "metrics.jsonl")]
+    assert numbers[0] == numbers[1]
+    assert (split / "recoveries.json").read_text() == (whole / "recoveries.json").read_text()

@@ -95,6 +95,8 @@ def test_dry_run_plans_without_the_data_and_says_it_is_missing(capsys):
     (["--set", "optimizer.lrr=1e-3"], "lrr"),
     (["--data-path", "/nonexistent/prefix"], "data.data_path"),
     (["--set", "batch.global_batch=6"], "batch.global_batch"),
+    # ids up to 59 with a 50-token model (padded to 64: the ids would even fit the embedding)
+    (["--set", "model.vocab_size=50"], "token id 59"),
 ])
 def test_bad_config_fails_before_any_process_group_naming_the_field(tiny_run, capsys, args, named):
     _, config = tiny_run
@@ -102,6 +104,16 @@ def test_bad_config_fails_before_any_process_group_naming_the_field(tiny_run, ca
     err = capsys.readouterr().err
     assert status == 2
     assert named in err, err
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_data_past_the_vocabulary_is_refused_before_any_process_group(tiny_run, tp):
+    from megagpt.config import validate
+    _, path = tiny_run
+    config = load_config(path, ["model.vocab_size=50", f"parallel.tp={tp}"])
+    with pytest.raises(ValueError, match=r"holds token id 59 .*model.vocab_size=50"):
+        validate(config, world_size=2)
     assert not dist.is_initialized()
 
 

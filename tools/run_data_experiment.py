@@ -24,7 +24,7 @@ from pathlib import Path
 if __name__ == "__main__":  # run from a checkout without installing: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megagpt.checkpoint import latest_tag  # noqa: E402
+from megagpt.checkpoint_dir import latest_tag  # noqa: E402
 from megagpt.config import Config, validate  # noqa: E402
 from megagpt.experiment import comparison_table, load_experiment  # noqa: E402
 

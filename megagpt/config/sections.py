@@ -246,7 +246,8 @@ class CheckpointConfig(_Section):
     ``init_from``: start a NEW run from these weights (continual pretraining): a consolidated checkpoint
     (``tools/convert_checkpoint.py --to consolidated``, or ``--from-hf`` for Hugging Face GPT-2) or a training
     checkpoint of any layout. Only the weights are taken; optimizer, schedules and data start fresh. Ignored
-    once the run has a checkpoint of its own to resume."""
+    once the run has a checkpoint of its own to resume. ``strict_resume``: when the checkpoint ``latest`` names
+    fails its manifest, refuse (True) instead of resuming the newest intact one with a warning (False)."""
 
     SECTION = "checkpoint"
     save: str | None = None
@@ -254,10 +255,38 @@ class CheckpointConfig(_Section):
     init_from: str | None = None
     save_interval: int = 1000
     keep_last: int = 0
+    strict_resume: bool = False  # a damaged newest checkpoint stops the run instead of resuming an older one
 
     def _check(self) -> None:
         _check_positive_int("checkpoint", "save_interval", self.save_interval)
         self._at_least("keep_last", 0)
+
+
+@dataclass(frozen=True)
+class StabilityConfig(_Section):
+    """What the trainer does about divergence (megagpt/stability.py). A step whose loss or gradient norm is
+    not finite on any rank is skipped on every rank (weights, optimizer state and schedules unchanged);
+    ``max_consecutive_skips`` such steps in a row stop the run with a non-zero exit and nothing more saved.
+    ``spike_recovery``: on a loss spike (``spike_std`` deviations above the mean of the last ``spike_window`` step
+    losses, or ``spike_ratio`` x that mean), roll back to the newest checkpoint and never train on the
+    ``spike_skip_batches`` global batches up to the spike; at most ``max_rollbacks`` times (docs/training.md)."""
+
+    SECTION = "stability"
+    skip_non_finite: bool = True  # False: no check at all (benchmarks/bench_nonfinite_guard.py compares the two)
+    max_consecutive_skips: int = 5
+    spike_recovery: bool = False
+    spike_window: int = 50  # recent step losses a loss is compared with
+    spike_std: float = 6.0  # a spike: loss > mean + spike_std x standard deviation of the window ...
+    spike_ratio: float | None = None  # ... or, when set, loss > spike_ratio x mean of the window
+    spike_skip_batches: int = 20  # global batches up to and including the spike that are never trained on
+    max_rollbacks: int = 5  # more spikes than this in one run: stop (TrainingDiverged)
+
+    def _check(self) -> None:
+        for name in ("max_consecutive_skips", "spike_window", "spike_skip_batches", "max_rollbacks"):
+            _check_positive_int("stability", name, getattr(self, name))
+        self._at_least("spike_std", 0.0)
+        if self.spike_ratio is not None and self.spike_ratio <= 1:
+            raise ValueError(f"stability.spike_ratio must be > 1 (a multiple of the recent mean), got {self.spike_ratio}")
 
 
 @dataclass(frozen=True)

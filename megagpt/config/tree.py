@@ -13,7 +13,7 @@ from typing import Any
 from megagpt.config._fields import read_json_file, _coerce, _did_you_mean, _jsonable
 from megagpt.config.model import ModelConfig
 from megagpt.config.sections import (BatchConfig, CheckpointConfig, DataConfig, LoggingConfig, OptimizerConfig,
-                                     ParallelConfig, ScheduleConfig, TokenizerConfig)
+                                     ParallelConfig, ScheduleConfig, StabilityConfig, TokenizerConfig)
 
 
 # DeepSpeed keys derived from the tree, and the field a user sets instead.
@@ -34,7 +34,8 @@ DEEPSPEED_OWNED_KEYS = {
 }
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
             "schedule": ScheduleConfig, "batch": BatchConfig, "parallel": ParallelConfig,
-            "checkpoint": CheckpointConfig, "logging": LoggingConfig, "tokenizer": TokenizerConfig}
+            "checkpoint": CheckpointConfig, "logging": LoggingConfig, "tokenizer": TokenizerConfig,
+            "stability": StabilityConfig}
 TOP_LEVEL_KEYS = (*SECTIONS, "deepspeed", "seed")
 
 
@@ -52,6 +53,7 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    stability: StabilityConfig = dataclasses.field(default_factory=StabilityConfig)
     deepspeed: dict[str, Any] = dataclasses.field(default_factory=dict)  # pass-through, see DEEPSPEED_OWNED_KEYS
     seed: int = 1234  # model initialisation and dropout
 
@@ -201,7 +203,8 @@ def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Confi
 
 def validate(config: Config, world_size: int) -> None:
     """Checks that need the launch: the parallel layout fits ``world_size``, the batch sizes
-    divide, and every ``data.data_path`` prefix has its ``.bin`` and ``.idx`` files.
+    divide, every ``data.data_path`` prefix has its ``.bin`` and ``.idx`` files, and their tokenizer (record
+    or scanned largest id, megagpt/data/tokenizer_record.py) agrees with the model and the tokenizer section.
     Run it before creating any process group or model; raises ValueError."""
     dp_size = config.parallel.dp_size(world_size)
     config.batch.gradient_accumulation(dp_size)
@@ -214,6 +217,9 @@ def validate(config: Config, world_size: int) -> None:
     for path in config.tokenizer.files:
         if not os.path.exists(path):
             raise ValueError(f"tokenizer: {path} does not exist; fix the tokenizer section's file paths")
+    from megagpt.data.tokenizer_record import check_data_path  # data and model agree before the first step
+
+    check_data_path(config.data.data_path, config.model.vocab_size, config.tokenizer, config.data.cache_dir)
     init_from = config.checkpoint.init_from
     if init_from is not None and not os.path.exists(init_from):
         raise ValueError(f"checkpoint.init_from: {init_from} does not exist; give a consolidated checkpoint "

@@ -34,6 +34,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from megagpt.checkpoint_dir import LATEST, latest_tag, load_torch_file, saved_world_size, verify_step_dir
 from megagpt.config import Config, ModelConfig
 from megagpt.model.layers import LayerFactory
 from megagpt.zero_checkpoint import _dequantize, _moments_of, read_zero_state, zero_shard_files
@@ -129,22 +130,20 @@ def optimizer_group_names(config: Config) -> list[list[str]]:
 
 
 def resolve_step_dir(path: str | Path) -> Path:
-    """A training ``--save`` directory (the step its ``latest`` names) or a step directory itself."""
-    from megagpt.checkpoint import LATEST, latest_tag
-
+    """A training ``--save`` directory (the step its ``latest`` names) or a step directory itself, verified against
+    its manifest (ValueError naming what is damaged or missing)."""
     path = Path(path)
     if (path / LATEST).exists():
         path = path / latest_tag(path)
     if not ((path / "config.json").is_file() and any(path.glob("*model_states.pt"))):
         raise ValueError(f"{path} is neither a training save directory with a 'latest' file nor a checkpoint step "
                          "directory (config.json + DeepSpeed model-states files)")
+    verify_step_dir(path)  # its manifest: every file whole (conversion, evaluation and generation read here)
     return path
 
 
 def read_layout(step_dir: Path) -> Layout:
     """The layout ``step_dir`` was written with; ValueError for what cannot be read (yet)."""
-    from megagpt.checkpoint import saved_world_size
-
     config = json.loads((step_dir / "config.json").read_text())
     par = config.get("parallel", {})
     tp, pp = int(par.get("tp", 1)), int(par.get("pp", 1))
@@ -166,9 +165,8 @@ def read_layout(step_dir: Path) -> Layout:
 
 
 def load_model_states(step_dir: Path, tp_rank: int) -> dict:
-    # Our own checkpoints; DeepSpeed pickles its config objects in them, so weights_only cannot be used.
-    # mmap: tensors are paged in when used, not all read up front.
-    return torch.load(step_dir / MODEL_STATES.format(tp_rank), map_location="cpu", weights_only=False, mmap=True)
+    # weights_only with DeepSpeed's few types allowed; mmap: tensors are paged in when used, not read up front
+    return load_torch_file(step_dir / MODEL_STATES.format(tp_rank), mmap=True)
 
 
 def _as_number(step) -> float:

@@ -20,8 +20,10 @@ magnitude. Moments saved by torch AdamW load into torch AdamW only, bitsandbytes
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from megagpt.convert.readers import PipelineNames
@@ -196,12 +198,20 @@ def load_into_engine(engine, universal: Universal) -> None:
         setattr(engine, key, value)
 
 
+def reseed_for_new_layout(engine, seed: int, step: int, rank: int) -> None:
+    """Seed python/numpy/torch RNGs from (seed, step, rank // tp) after resuming in another layout, where the
+    old ranks' streams cannot be mapped onto the new ones. Tensor-parallel ranks are adjacent, so one group
+    shares a stream (its ranks must draw the same dropout masks) and other groups differ."""
+    value = seed * 1_000_003 + step * 1_009 + rank // tp_coords(engine)[1]
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+
+
 def resume_from_universal(engine, universal: Universal, rank: int, seed: int, origin: str) -> dict:
     """``load_into_engine``, reseed the RNGs, and return the client state as ``engine.load_checkpoint`` would
     (``{"megagpt": ...}``). The old ranks' RNG streams do not map onto a new layout: each rank is reseeded from
     (seed, step, tensor-parallel group), so the ranks of one tensor-parallel group keep drawing the same dropout."""
-    from megagpt.checkpoint import reseed_for_new_layout
-
     load_into_engine(engine, universal)
     reseed_for_new_layout(engine, seed, universal.training_step, rank)
     if rank == 0:

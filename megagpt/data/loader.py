@@ -38,14 +38,24 @@ class PretrainingLoader:
         self.micro_batch, self.global_batch = int(micro_batch), int(global_batch)
         self.dp_size, self.dp_rank = int(dp_size), int(dp_rank)
         self.consumed_samples = int(consumed_samples)
+        self.skipped: list[tuple[int, int]] = []  # sample ranges never read (loss-spike recovery)
         step_sample_indices(0, self.micro_batch, self.global_batch, self.dp_size, self.dp_rank)  # validate
 
     @property
     def grad_accum(self) -> int:
         return self.global_batch // (self.micro_batch * self.dp_size)
 
+    def skip(self, start: int, end: int) -> None:
+        """Never read samples ``[start, end)`` (whole global batches): the position jumps over them."""
+        if start % self.global_batch or end % self.global_batch or not start < end:
+            raise ValueError(f"skipped samples [{start}, {end}) must be whole global batches of {self.global_batch}")
+        self.skipped = sorted(set(self.skipped) | {(start, end)})
+
     def next_step(self) -> list[np.ndarray]:
         """The micro batches of the next step for this rank; advances the position by one global batch."""
+        for start, end in self.skipped:  # sorted: one pass jumps over overlapping and adjacent ranges too
+            if start <= self.consumed_samples < end:
+                self.consumed_samples = end
         indices = step_sample_indices(self.consumed_samples, self.micro_batch, self.global_batch, self.dp_size,
                                       self.dp_rank)
         end = self.consumed_samples + self.global_batch
@@ -57,7 +67,10 @@ class PretrainingLoader:
         return batches
 
     def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples}
+        state = {"consumed_samples": self.consumed_samples}
+        if self.skipped:
+            state["skipped_samples"] = [list(r) for r in self.skipped]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         consumed = int(state["consumed_samples"])
@@ -65,3 +78,6 @@ class PretrainingLoader:
             raise ValueError(f"checkpoint position {consumed} samples is not a whole number of global batches of "
                              f"{self.global_batch}: the global batch must not change on resume")
         self.consumed_samples = consumed
+        self.skipped = []
+        for start, end in state.get("skipped_samples", []):
+            self.skip(int(start), int(end))

@@ -20,6 +20,7 @@ import numpy as np
 from megagpt.data.cleaning import clean_text
 from megagpt.data.indexed import IndexedDatasetWriter, best_dtype, dataset_exists
 from megagpt.data.sources import WorkUnit, count_records, find_sources, iter_units
+from megagpt.data.tokenizer_record import merged_record, read_record, record_for, record_path, write_record
 
 RECORD_REASONS = ("blank_line", "invalid_utf8", "invalid_json", "not_an_object")
 KEY_REASONS = ("missing_key", "non_string", "empty")
@@ -240,6 +241,7 @@ def preprocess(opts: PreprocessOptions) -> dict:
     writers = {k: IndexedDatasetWriter(p, dtype, overwrite=opts.overwrite) for k, p in prefixes.items()}
     skips, key_skips = SkipTally(), {k: SkipTally() for k in opts.json_keys}
     text_bytes = dict.fromkeys(opts.json_keys, 0)
+    max_ids = dict.fromkeys(opts.json_keys, -1)  # recorded beside each dataset (megagpt/data/tokenizer_record.py)
     records = in_bytes = docs = tokens = 0
     next_log = opts.log_interval
     started = time.perf_counter()
@@ -248,6 +250,8 @@ def preprocess(opts: PreprocessOptions) -> dict:
         for res in _ordered_results(_shard_units(opts, sources, separator), processor, opts.workers):
             for k, w in writers.items():
                 w.add_documents(res.tokens[k], res.lengths[k])
+                if res.tokens[k].size:
+                    max_ids[k] = max(max_ids[k], int(res.tokens[k].max()))
                 text_bytes[k] += res.text_bytes[k]
                 key_skips[k].merge(res.key_skips[k])
             skips.merge(res.skips)
@@ -272,8 +276,10 @@ def preprocess(opts: PreprocessOptions) -> dict:
             raise RuntimeError(f"no documents were written for key(s) {empty} (skipped: "
                                f"{json.dumps(skips.as_dict() | {k: key_skips[k].as_dict() for k in empty})}); "
                                f"check --input and --json-keys")
-        for w in writers.values():
+        for k, w in writers.items():
+            _remove_stale_record(w.prefix)
             w.finalize()
+            write_record(prefixes[k], record_for(opts.tokenizer, max_ids[k]))
     except BaseException:
         for w in writers.values():
             w.discard()
@@ -313,6 +319,12 @@ def _raise_on_skip(skips: SkipTally, key_skips: dict[str, SkipTally]) -> None:
                              f"drop --strict to count and skip such records")
 
 
+def _remove_stale_record(prefix: str) -> None:
+    """An overwritten dataset's old tokenizer record must not describe the new data, even for a moment."""
+    if os.path.exists(record_path(prefix)):
+        os.remove(record_path(prefix))
+
+
 def _progress_bar(opts: PreprocessOptions):
     if not opts.progress:
         return None
@@ -331,8 +343,12 @@ def merge_datasets(prefixes: list[str], output_prefix: str, overwrite: bool = Fa
     if len(dtypes) != 1:
         raise ValueError(f"cannot merge datasets of different dtypes: "
                          f"{', '.join(f'{d.path_prefix} ({d.dtype})' for d in datasets)}")
+    record = merged_record([read_record(p) for p in prefixes], prefixes)
     with IndexedDatasetWriter(output_prefix, datasets[0].dtype, overwrite=overwrite) as w:
+        _remove_stale_record(output_prefix)
         for d in datasets:
             w.add_dataset(d)
+    if record is not None:
+        write_record(output_prefix, record)
     return {"output_prefix": output_prefix, "inputs": prefixes, "documents": w.num_documents,
             "tokens": w.num_tokens}

@@ -83,6 +83,10 @@ def evaluate_model(model, tokenizer, tasks: EvalTasks, settings: EvalSettings, s
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size} (model.vocab_size): wrong tokenizer for this checkpoint?")
+    from megagpt.data.tokenizer_record import check_dataset
+
+    for prefix in tasks.data_paths:  # the dataset's tokenizer record (or scanned ids) against the model
+        check_dataset(prefix, model.config.vocab_size)
     s = settings
     progress = s.progress and shard.is_main
     results = []

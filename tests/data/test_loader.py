@@ -49,3 +49,17 @@ def test_errors_are_clear():
         loader.next_step()
     with pytest.raises(ValueError, match="whole number of global batches"):
         loader.load_state_dict({"consumed_samples": 4})
+
+
+def test_skipped_sample_ranges_are_jumped_over_and_kept_in_the_state():
+    from megagpt.data.loader import PretrainingLoader
+    loader = PretrainingLoader(np.arange(100)[:, None], micro_batch=2, global_batch=4)
+    loader.skip(4, 12)
+    loader.skip(12, 16)  # adjacent: one jump over both
+    firsts = [int(loader.next_step()[0][0, 0]) for _ in range(3)]
+    assert firsts == [0, 16, 20]
+    resumed = PretrainingLoader(np.arange(100)[:, None], micro_batch=2, global_batch=4)
+    resumed.load_state_dict(loader.state_dict())
+    assert resumed.skipped == [(4, 12), (12, 16)] and resumed.consumed_samples == 24
+    with pytest.raises(ValueError, match="whole global batches"):
+        loader.skip(5, 8)

@@ -10,6 +10,7 @@ import zstandard
 
 from megagpt.data.indexed import IndexedDataset, data_file_path, index_file_path
 from megagpt.data.preprocess import PreprocessOptions, merge_datasets, preprocess
+from megagpt.data.tokenizer_record import read_record
 from megagpt.data.tokenizers import build_tokenizer
 
 
@@ -178,6 +179,8 @@ def test_shards_merged_equal_single_run(tmp_path, tok, gcide_docs):
         assert open(path(tmp_path / "merged_text_document"), "rb").read() == \
             open(path(tmp_path / "single_text_document"), "rb").read()
     assert sum(len(IndexedDataset(s)) for s in shards) == 60
+    # the merged dataset keeps the tokenizer record (largest id over the shards)
+    assert read_record(tmp_path / "merged_text_document") == read_record(tmp_path / "single_text_document")
 
 
 def test_input_errors_are_clear(tmp_path, tok):
