@@ -7,12 +7,14 @@ are moved into place first and the ``.idx`` last, so a subset whose ``.idx`` exi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from megagpt.data import tokenizer_record
 from megagpt.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megagpt.selection.perplexity import document_tokens
 
@@ -45,11 +47,12 @@ def write_subset(source: IndexedDataset, ids: np.ndarray, prefix: str | os.PathL
     check_subset_free(prefix, overwrite)
     manifest_path, ids_path = subset_paths(prefix)
     with IndexedDatasetWriter(prefix, dtype=source.dtype, overwrite=overwrite) as out:
-        group, group_tokens = [], 0
+        group, group_tokens, largest = [], 0, -1
         for doc in ids:
             tokens = document_tokens(source, int(doc))
             group.append(tokens)
             group_tokens += len(tokens)
+            largest = max(largest, int(tokens.max())) if len(tokens) else largest
             if group_tokens >= _COPY_TOKENS:
                 out.add_documents(np.concatenate(group), np.array([len(t) for t in group]))
                 group, group_tokens = [], 0
@@ -64,6 +67,9 @@ def write_subset(source: IndexedDataset, ids: np.ndarray, prefix: str | os.PathL
         tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(tmp_ids, ids_path)
         os.replace(tmp_manifest, manifest_path)
+        record = tokenizer_record.read_record(source.path_prefix)
+        if record is not None:  # the subset is the source's tokenizer's data, as preprocessing would record it
+            tokenizer_record.write_record(prefix, dataclasses.replace(record, max_token_id=largest))
     # leaving the with-block finalises: .bin, then .idx last
     return manifest
 

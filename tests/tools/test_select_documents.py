@@ -37,7 +37,8 @@ def test_subset_is_byte_identical_to_preprocessing_the_chosen_documents(tmp_path
     chosen = np.load(tmp_path / "high.doc_ids.npy")
     assert chosen.tolist() == sorted(np.argsort(-scores)[:12].tolist())
     expected = _preprocess([texts[i] for i in chosen], tmp_path / "expected")
-    for ext in (".bin", ".idx"):
+    # the tokenizer record too (megagpt/data/tokenizer_record.py): the subset is that tokenizer's data
+    for ext in (".bin", ".idx", ".tokenizer.json"):
         assert Path(f"{tmp_path / 'high'}{ext}").read_bytes() == Path(expected + ext).read_bytes()
     manifest = json.loads((tmp_path / "high.selection.json").read_text())
     assert manifest["counts"]["chosen_documents"] == 12 and manifest["source"]["fingerprint"] == record["fingerprint"]
