@@ -13,9 +13,11 @@ py="$(command -v python3.11 || command -v python3)"
 # shellcheck disable=SC1091
 VIRTUAL_ENV="$venv" source tools/venv.sh
 torch_pin="$(grep -E '^torch==' requirements/cpu.lock)"
+echo "$torch_pin" > "$venv/torch-pin.txt"
 megagpt_pip install "$torch_pin"
-# No lock and no constraints: the resolver picks the newest release of everything setup.py allows.
-megagpt_pip install --upgrade --upgrade-strategy eager \
+# No lock: the resolver picks the newest release of everything setup.py allows; torch alone is held at the lock's
+# version (deepspeed and bitsandbytes depend on torch, and an eager upgrade would otherwise move it too).
+megagpt_pip install -c "$venv/torch-pin.txt" --upgrade --upgrade-strategy eager \
   "setuptools" "pybind11" ".[train,hf,eval,dev]"
 echo "== versions (canary vs lock)"
 for pkg in torch deepspeed bitsandbytes triton transformers kernels numpy huggingface-hub tokenizers lm-eval; do
