@@ -9,18 +9,17 @@ of its own config at the progress its scheduler state records (the rate of the l
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from megagpt.checkpoint_dir import step_tags, tag_step
 from megagpt.config import Config, ModelConfig
 from megagpt.convert.readers import param_layout
 from megagpt.convert.universal import CONFIG_FILE, STATE_FILE, consolidate, is_universal_dir, load_universal
 from megagpt.convert.weights import ModelWeights
 
-_STEP_DIR = re.compile(r"^step(\d+)$")
 # Config parts that identify a run: checkpoints that differ in them were not saved by one training run.
 RUN_IDENTITY = ("seed", "data", "tokenizer")
 
@@ -46,12 +45,20 @@ class LoadedCheckpoint:
     optimizer: str  # "torch", "bitsandbytes" or "none"
 
 
+def _is_step_dir(path: Path) -> bool:
+    try:
+        tag_step(path.name)
+        return True
+    except ValueError:
+        return False
+
+
 def _step_ref(step_dir: Path) -> CheckpointRef:
     config_path = step_dir / CONFIG_FILE
     if not config_path.is_file():
         raise ValueError(f"checkpoint {step_dir} is incomplete (no {CONFIG_FILE}: its save was interrupted); leave it "
                          "out with --steps")
-    return CheckpointRef(str(step_dir), int(_STEP_DIR.match(step_dir.name).group(1)),
+    return CheckpointRef(str(step_dir), tag_step(step_dir.name),
                          json.loads(config_path.read_text()))
 
 
@@ -82,16 +89,15 @@ def list_checkpoints(paths: list[str], steps: list[int] | None = None) -> list[C
         path = Path(text)
         if is_universal_dir(path):
             refs.append(_universal_ref(path))
-        elif path.is_dir() and _STEP_DIR.match(path.name):
+        elif path.is_dir() and _is_step_dir(path):
             refs.append(_step_ref(path))
         elif path.is_dir():
-            found = sorted((p for p in path.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)),
-                           key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+            found = [path / tag for tag in step_tags(path)]  # oldest first
             if not found:
                 raise ValueError(f"--checkpoints {path}: no step<N> checkpoint directories in it, and it is neither "
                                  "a step nor a consolidated checkpoint")
             wanted = None if steps is None else set(steps)
-            refs += [_step_ref(p) for p in found if wanted is None or int(_STEP_DIR.match(p.name).group(1)) in wanted]
+            refs += [_step_ref(p) for p in found if wanted is None or tag_step(p.name) in wanted]
         else:
             raise ValueError(f"--checkpoints {path} is not a checkpoint directory")
     if steps is not None:
