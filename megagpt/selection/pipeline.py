@@ -192,7 +192,7 @@ def write_documents(source_prefix: str, begin: int, end: int | None, prefix: str
 def prepare(pipeline: Pipeline, device: str = "auto") -> None:
     """Steps 1-5 of the module docstring, each skipped when done."""
     from megagpt.data.indexed import dataset_exists
-    from megagpt.checkpoint import latest_tag
+    from megagpt.checkpoint_dir import latest_tag
 
     spec, out = pipeline.spec, pipeline.output
     corpus = spec["corpus"]
