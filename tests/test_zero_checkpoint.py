@@ -82,9 +82,10 @@ def test_requantisation_matches_bitsandbytes_quantize_blockwise(signed):
     """With each element's own magnitude as its 'block maximum', the block maxima are bitsandbytes' own and
     the codes ``quantize_blockwise``'s (our reference), except where its CPU search does not return the
     nearest code: there ours is the nearer neighbour. Dequantising gives back ``code[q] * absmax``."""
-    import bitsandbytes.functional as F
-
+    from megagpt.optim.bitsandbytes_import import import_bitsandbytes
     from megagpt.zero_checkpoint import _dequantize, _quantize
+
+    F = import_bitsandbytes().functional
 
     generator = torch.Generator().manual_seed(int(signed))
     values = torch.randn(3 * 256 + 17, generator=generator) * torch.logspace(-6, 0, 3 * 256 + 17)

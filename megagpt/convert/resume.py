@@ -92,7 +92,9 @@ def _local_moments(universal: Universal, name: str, dim, rank: int, size: int, e
 def _codes(universal: Universal) -> dict[str, torch.Tensor]:
     if universal.codes:
         return universal.codes
-    import bitsandbytes.functional as F  # what bitsandbytes' own 8-bit state starts from
+    from megagpt.optim.bitsandbytes_import import import_bitsandbytes
+
+    F = import_bitsandbytes().functional  # what bitsandbytes' own 8-bit state starts from
 
     return {"qmap1": F.create_dynamic_map(signed=True), "qmap2": F.create_dynamic_map(signed=False)}
 

@@ -43,7 +43,10 @@ def build_optimizer(param_groups: list[dict], kind: str, lr: float, betas: tuple
     if kind == "adamw":
         fused = torch.device(device).type == "cuda"
         return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=0.0, fused=fused)
-    import bitsandbytes as bnb  # imported here: its import is slow and adamw runs without it
+    # imported here: its import is slow and adamw runs without it
+    from megagpt.optim.bitsandbytes_import import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
 
     optimizer_class = bnb.optim.AdamW8bit if kind == "adamw8bit" else bnb.optim.PagedAdamW8bit
     # weight_decay=0.0 is only the default for groups without their own value; ours all have one.
@@ -54,8 +57,9 @@ def build_optimizer(param_groups: list[dict], kind: str, lr: float, betas: tuple
 def _unwrap_bnb_optimizer(optimizer):
     """The bitsandbytes optimizer inside ``optimizer`` (a DeepSpeed ZeRO optimizer or engine wraps it
     as ``.optimizer``), or None if there is none."""
-    from bitsandbytes.optim.optimizer import Optimizer8bit
+    from megagpt.optim.bitsandbytes_import import import_bitsandbytes
 
+    Optimizer8bit = import_bitsandbytes().optim.optimizer.Optimizer8bit
     seen = 0
     while optimizer is not None and not isinstance(optimizer, Optimizer8bit) and seen < 4:
         optimizer = getattr(optimizer, "optimizer", None)

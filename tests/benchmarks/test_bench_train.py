@@ -31,8 +31,9 @@ def test_torch_adamw_state_is_two_fp32_moments_per_parameter_plus_step_counters(
 
 
 def test_bitsandbytes_8bit_state_is_counted_with_its_quantisation_tables():
-    from bitsandbytes.optim import AdamW8bit
+    from megagpt.optim.bitsandbytes_import import import_bitsandbytes
 
+    AdamW8bit = import_bitsandbytes().optim.AdamW8bit
     big, small = torch.nn.Parameter(torch.randn(256, 256)), torch.nn.Parameter(torch.randn(100))
     optimizer = AdamW8bit([big, small])
     one_step(optimizer, [big, small])

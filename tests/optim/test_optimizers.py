@@ -15,9 +15,10 @@ from torch import nn
 from megagpt.config import ModelConfig
 from megagpt.model import GPT, language_model_loss
 from megagpt.optim import build_optimizer, build_param_groups, keep_embedding_state_32bit
+from megagpt.optim.bitsandbytes_import import import_bitsandbytes
 from testing_utils import REPO
 
-bnb = pytest.importorskip("bitsandbytes")
+bnb = import_bitsandbytes()
 
 
 @pytest.fixture(autouse=True)
@@ -160,6 +161,7 @@ deepspeed.init_distributed(dist_backend="gloo")
 from megagpt.config import ModelConfig
 from megagpt.model import GPT, language_model_loss
 from megagpt.optim import build_optimizer, build_param_groups, keep_embedding_state_32bit
+from megagpt.optim.bitsandbytes_import import import_bitsandbytes
 stage, mark = int(sys.argv[1]), sys.argv[2] == "mark"
 torch.manual_seed(0)
 model = GPT(ModelConfig(vocab_size=100, seq_len=16, d_model=32, num_layers=2, num_heads=4))
