@@ -18,8 +18,12 @@ steps up to the spike, as the operators of OPT, BLOOM and PaLM did by hand. Each
 ``{save}/recoveries.json`` before the rollback (``append_recovery``), and the skipped ranges are part of the
 loader's checkpointed state, so a run killed during or after a recovery resumes exactly as the uninterrupted one.
 
-Pipeline engines (``train_batch``) step inside DeepSpeed; there only DeepSpeed's ZeRO-1 gradient check skips
-(a non-finite loss with finite gradients is not caught there).
+Pipeline engines (``train_batch``) run every micro batch and the optimizer step inside DeepSpeed, and always
+with ZeRO-1, whose partition check skips non-finite gradients. The loss is only known on the last stage; the
+guard wraps the engine's optimizer-step instruction, which every stage runs once per step after its last
+backward and its gradient reductions: there it checks the last stage's summed micro-batch losses
+(``engine.total_loss``) and the same all-reduce over every rank decides, so a non-finite loss with finite
+gradients is skipped on every stage.
 """
 from __future__ import annotations
 
@@ -74,6 +78,8 @@ class NonFiniteGuard:
         self._deepspeed_skips = engine.skipped_steps
         if self.enabled:
             self._wrap(base_optimizer(engine))
+            if hasattr(engine, "train_batch") and hasattr(engine, "reset_activation_shape"):  # a pipeline
+                self._wrap_pipeline_step(engine)
 
     def _wrap(self, optimizer: torch.optim.Optimizer) -> None:
         step = optimizer.step
@@ -84,6 +90,30 @@ class NonFiniteGuard:
             return step(*args, **kwargs)
 
         optimizer.step = guarded_step
+
+    def _wrap_pipeline_step(self, engine) -> None:
+        from deepspeed.runtime.pipe.schedule import OptimizerStep
+
+        # The engine runs each instruction of its schedule through _INSTRUCTION_MAP (a class attribute of plain
+        # functions it binds per call), so that map, not the bound method, is what must change: a copy on this
+        # engine only.
+        instructions = getattr(engine, "_INSTRUCTION_MAP", None)
+        if not isinstance(instructions, dict) or OptimizerStep not in instructions:
+            raise RuntimeError(f"{type(engine).__name__} has no _INSTRUCTION_MAP entry for OptimizerStep: this "
+                               "DeepSpeed's pipeline engine cannot be guarded against non-finite losses; use the "
+                               "DeepSpeed version of requirements/cpu.lock or set stability.skip_non_finite=false")
+        exec_step = instructions[OptimizerStep]
+
+        def guarded_exec_step(pipeline_engine, *args, **kwargs):
+            # every stage runs this once per step, after its last backward and its gradient reductions, in the
+            # same order: the all-reduce in decide() meets on every rank
+            total_loss = getattr(pipeline_engine, "total_loss", None)  # summed losses; None off the last stage
+            if total_loss is not None:
+                self.observe_loss(total_loss if torch.is_tensor(total_loss) else torch.stack(list(total_loss)))
+            self.decide()
+            return exec_step(pipeline_engine, *args, **kwargs)
+
+        engine._INSTRUCTION_MAP = {**instructions, OptimizerStep: guarded_exec_step}
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         """Remember whether one micro batch's loss was finite (on the device: no sync)."""

@@ -7,6 +7,8 @@ every micro batch of that step on that rank):
 ``nan_grad``: the loss stays finite, every gradient becomes NaN;
 ``spike``: 20 is added to the loss (gradients unchanged) of the batch that step STEP reads in an uninterrupted
 run without recoveries (keyed by the loader position, so once that batch is skipped the spike is gone).
+Pipeline engines compute the loss inside DeepSpeed, on the last stage: there ``nan_loss`` reaches the
+PipelineModule's ``loss_fn`` (RANK then names a last-stage rank; STEP is the loader's step).
 Imported by tests/sigkill_pretrain.py when ``MEGAGPT_TEST_FAULT`` is set, to kill runs that have faults.
 """
 import math
@@ -14,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+import deepspeed.pipe as ds_pipe
 import torch
 
 # this checkout's megagpt, not whichever one is installed
@@ -25,6 +28,7 @@ from megagpt.data import loader as loader_module  # noqa: E402
 KIND, RANK, STEP = os.environ["MEGAGPT_TEST_FAULT"].split(":")
 RANK, STEP = int(RANK), int(STEP)
 _position = [0]  # where the training loader's current step starts
+_loader_step = [0]  # the step (from 1) whose batch it read last, in an uninterrupted run
 _next_step = loader_module.PretrainingLoader.next_step
 
 
@@ -32,6 +36,7 @@ def _recording_next_step(self):
     batches = _next_step(self)
     if torch.is_grad_enabled():  # the training loader, not evaluation's
         _position[0] = self.consumed_samples - self.global_batch
+        _loader_step[0] = self.consumed_samples // self.global_batch
     return batches
 
 
@@ -73,6 +78,23 @@ def _faulty_micro_loss(engine, rows, device):
 
 
 training.micro_loss = _faulty_micro_loss
+
+
+class _FaultyPipelineModule(ds_pipe.PipelineModule):
+    """DeepSpeed's PipelineModule whose loss_fn gets the fault (the pipeline engine never calls micro_loss)."""
+
+    def __init__(self, *args, loss_fn=None, **kwargs):
+        def faulty_loss_fn(logits, labels):
+            loss = loss_fn(logits, labels)
+            if (KIND == "nan_loss" and torch.is_grad_enabled() and _loader_step[0] == STEP
+                    and int(os.environ.get("RANK", "0")) == RANK):
+                return loss + torch.tensor(math.nan, device=loss.device)
+            return loss
+
+        super().__init__(*args, loss_fn=faulty_loss_fn, **kwargs)
+
+
+ds_pipe.PipelineModule = _FaultyPipelineModule  # megagpt/parallel/pipeline.py imports it when it builds one
 
 if __name__ == "__main__":
     sys.exit(pretrain.main())

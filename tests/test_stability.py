@@ -32,7 +32,10 @@ def training_state(step_dir):
     shards = sorted(step_dir.glob("*optim_states.pt"))
     optimizer = [load_torch_file(p)["optimizer_state_dict"] for p in shards] or states["optimizer"]
     client = states["megagpt"]
-    return {"module": states["module"], "optimizer": optimizer,
+    # a pipeline checkpoint keeps the weights in a file per layer
+    layers = sorted(step_dir.glob("layer_*-model_states.pt"))
+    module = {f"{p.name}/{k}": v for p in layers for k, v in load_torch_file(p).items()} or states["module"]
+    return {"module": module, "optimizer": optimizer,
             "schedules": [client["lr_scheduler"], client["seq_len_warmup"]]}
 
 
@@ -58,6 +61,28 @@ def test_a_non_finite_step_is_skipped_on_every_rank(tiny_run, launcher, fault, z
     assert_same_tensors(skipped, before, "step3 vs step2")
     assert not all(torch.equal(a, b) for a, b in zip(after["module"].values(), skipped["module"].values()))
     assert step_tags(save) == ["step1", "step2", "step3", "step4"]
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_the_last_pipeline_stage_is_skipped_on_every_stage(tiny_run):
+    """PP=2 (ZeRO-1, as pipelines always run): a NaN loss with finite gradients on the last stage. DeepSpeed's
+    partition check sees finite gradients; the guard at the pipeline's optimizer-step instruction skips the step
+    on both stages. Before: the step was applied and a NaN loss logged."""
+    root, config = tiny_run
+    save = root / "fault_pipeline_nan_loss"
+    result = run_training("deepspeed", ["--config", str(config), "--save", str(save), "--train-iters", "4",
+                                        "--save-interval", "1", "--eval-interval", "100",
+                                        "--set", "checkpoint.keep_last=0", "--set", "parallel.pp=2",
+                                        "--set", "parallel.zero_stage=1"],
+                          port=29759, script=FAULTY_PRETRAIN, env={"MEGAGPT_TEST_FAULT": "nan_loss:1:3"}, timeout=300)
+    assert "step 3 | SKIPPED" in result.stdout, result.stdout[-3000:]
+    records = read_jsonl(save / "metrics.jsonl")
+    assert [r["step"] for r in records if r.get("skipped_step")] == [3]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r and r["step"] != 3)
+    before, skipped, after = (training_state(save / f"step{s}") for s in (2, 3, 4))
+    assert len(before["module"]) > 0 and any(k.startswith("layer_03") for k in before["module"])  # both stages
+    assert_same_tensors(skipped, before, "step3 vs step2")
+    assert not all(torch.equal(a, b) for a, b in zip(after["module"].values(), skipped["module"].values()))
 
 
 @pytest.mark.slow
