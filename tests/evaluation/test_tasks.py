@@ -46,7 +46,10 @@ def mc_files(tmp_path):
              {"ctx": "a bird sang in the", "endings": ["qq", "tree. the dog ate"], "label": "1"}]
     wino = [{"sentence": "the _ ate the bone.", "option1": "dog", "option2": "tree", "answer": "1"},
             {"sentence": "a bird sang in the _.", "option1": "bone", "option2": "tree", "answer": "2"}]
-    generic = [{"context": "a bird sang in the", "choices": ["t", "tree. the cat sat on"], "label": 1},
+    # acc and acc_norm must pick differently somewhere, on any CPU's trained model: after "the" the model cannot
+    # know the noun (cat, mat, dog, bone, tree all follow it), so one letter costs ~2-3 nats in all, less than
+    # the long answer's ~9, yet ~1.4 nats per character against its ~0.2
+    generic = [{"context": "the", "choices": ["b", "cat sat on the mat. the dog ate the bone."], "label": 1},
                {"context": "the dog ate", "choices": ["the bone.", "qqqq"], "label": 0}]
     return [
         (write_jsonl(tmp_path / "piqa.jsonl", piqa), "piqa",
@@ -59,7 +62,7 @@ def mc_files(tmp_path):
          [(["the dog", "the tree"], [" ate the bone."] * 2, 0),
           (["a bird sang in the bone", "a bird sang in the tree"], [" ."] * 2, 1)]),
         (write_jsonl(tmp_path / "generic.jsonl", generic), "generic",
-         [(["a bird sang in the"] * 2, [" t", " tree. the cat sat on"], 1),
+         [(["the"] * 2, [" b", " cat sat on the mat. the dog ate the bone."], 1),
           (["the dog ate"] * 2, [" the bone.", " qqqq"], 0)]),
     ]
 
