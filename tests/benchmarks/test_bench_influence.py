@@ -14,6 +14,8 @@ def test_cpu_smoke_run_writes_ratio_memory_and_disk(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert "CPU RUN" in report["note"] and "CPU RUN" in capsys.readouterr().out
     assert report["speedup"] == report["fast"]["documents_per_s"] / report["loop"]["documents_per_s"]
+    assert report["largest_possible_speedup"] == (report["forward_only"]["documents_per_s"]
+                                                  / report["loop"]["documents_per_s"])
     memory = report["memory"]
     assert memory["projected_gradient_floats_per_document"] == report["matrices"] * 16 * 16
     assert memory["projected_gradients_bytes_per_batch_fp32"] == 16 * memory["projected_gradient_bytes_per_document_fp32"]
