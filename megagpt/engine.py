@@ -178,6 +178,11 @@ def check_device_support(config: Config, device: torch.device) -> None:
                          "fails to build bf16 backward kernels; use precision='fp32' or compile=false on CPU")
 
 
+def is_pipeline_engine(engine) -> bool:
+    """Whether ``engine`` is DeepSpeed's PipelineEngine (it runs micro batches and the step in ``train_batch``)."""
+    return hasattr(engine, "train_batch") and hasattr(engine, "reset_activation_shape")
+
+
 def build_process_groups(config: Config, launch: Launch):
     """This rank's tensor/data/pipeline-parallel groups for ``config.parallel`` (collective: every rank
     calls it after ``init_distributed``)."""

@@ -35,6 +35,8 @@ from typing import Callable
 
 import torch
 
+from megagpt.engine import is_pipeline_engine
+
 RECOVERIES = "recoveries.json"  # in the save directory: every spike recovery, so resumes skip the same samples
 
 
@@ -78,7 +80,7 @@ class NonFiniteGuard:
         self._deepspeed_skips = engine.skipped_steps
         if self.enabled:
             self._wrap(base_optimizer(engine))
-            if hasattr(engine, "train_batch") and hasattr(engine, "reset_activation_shape"):  # a pipeline
+            if is_pipeline_engine(engine):
                 self._wrap_pipeline_step(engine)
 
     def _wrap(self, optimizer: torch.optim.Optimizer) -> None:

@@ -23,7 +23,7 @@ from megagpt.checkpoint import NonFiniteWeights, load_checkpoint, save_checkpoin
 from megagpt.checkpoint_dir import latest_tag, tag_step
 from megagpt.config import Config
 from megagpt.convert.universal import is_universal_dir
-from megagpt.engine import Launch
+from megagpt.engine import Launch, is_pipeline_engine
 from megagpt.optim import LRSchedule, LRScheduler, SeqLenSchedule, SeqLenWarmup, restore_paged_state
 from megagpt.stability import NonFiniteGuard, SpikeDetector, TrainingDiverged, append_recovery, read_recoveries
 
@@ -172,10 +172,6 @@ def _pipeline_batches(micro_batches, device: torch.device):
     return iter([(inputs.to(device), labels.to(device)) for inputs, labels in micro_batches])
 
 
-def _is_pipeline(engine) -> bool:
-    return hasattr(engine, "train_batch") and hasattr(engine, "reset_activation_shape")
-
-
 @torch.no_grad()
 def evaluate(engine, valid_dataset, config: Config, launch: Launch, groups) -> float:
     """Mean validation loss over ``eval_iters`` global batches at the full length, averaged over ranks."""
@@ -183,7 +179,7 @@ def evaluate(engine, valid_dataset, config: Config, launch: Launch, groups) -> f
 
     loader = PretrainingLoader(valid_dataset, config.batch.micro_batch, config.batch.global_batch,
                                groups.topology.dp, groups.dp_rank)
-    if _is_pipeline(engine):
+    if is_pipeline_engine(engine):
         # the pipeline's activation buffers are shaped for the training length: reset around full-length eval
         engine.reset_activation_shape()
         micro = [[full_rows(torch.from_numpy(m)) for m in loader.next_step()]
@@ -248,7 +244,7 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
             print(f"checkpoint.save is not set: no checkpoints; metrics go to {metrics_dir}", flush=True)
         timer, losses = StepTimer(sync), []
         saved_at = state.step
-        pipeline, pipeline_len = _is_pipeline(engine), None
+        pipeline, pipeline_len = is_pipeline_engine(engine), None
         step_starts = {}  # step -> the loader position its batch starts at (what a spike recovery skips)
         while state.step < config.schedule.train_iters:
             seq_len, warmup_state = warmup.seq_len, warmup.state_dict()

@@ -27,15 +27,15 @@ from megagpt.data import loader as loader_module  # noqa: E402
 
 KIND, RANK, STEP = os.environ["MEGAGPT_TEST_FAULT"].split(":")
 RANK, STEP = int(RANK), int(STEP)
-_position = [0]  # where the training loader's current step starts
-_loader_step = [0]  # the step (from 1) whose batch it read last, in an uninterrupted run
+# the step (from 1) whose batch the training loader read last, counted in whole batches of its position (a
+# spike recovery skips whole steps' samples, so after one this is the step that batch had in an uninterrupted run)
+_loader_step = [0]
 _next_step = loader_module.PretrainingLoader.next_step
 
 
 def _recording_next_step(self):
     batches = _next_step(self)
     if torch.is_grad_enabled():  # the training loader, not evaluation's
-        _position[0] = self.consumed_samples - self.global_batch
         _loader_step[0] = self.consumed_samples // self.global_batch
     return batches
 
@@ -65,7 +65,7 @@ def _faulty_micro_loss(engine, rows, device):
     step = _calls[0] // engine.gradient_accumulation_steps() + 1
     _calls[0] += 1
     if KIND == "spike":
-        if _position[0] == (STEP - 1) * engine.train_batch_size() and int(os.environ.get("RANK", "0")) == RANK:
+        if _loader_step[0] == STEP and int(os.environ.get("RANK", "0")) == RANK:
             return loss + 20.0
         return loss
     if step == STEP and int(os.environ.get("RANK", "0")) == RANK:
