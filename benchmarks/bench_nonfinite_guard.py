@@ -49,7 +49,8 @@ def make_run(root: Path, args) -> Path:
 
 
 def rates(config: Path, checked: bool, args, metrics_dir: Path) -> list[float]:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29900 + checked))
+    # one rank without MASTER_PORT: pretrain.py takes a free port itself
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     subprocess.run([sys.executable, str(REPO / "megagpt" / "pretrain.py"), "--config", str(config), "--device",
                     args.device, "--save", str(metrics_dir), "--save-interval", str(10 ** 9),
                     "--set", f"stability.skip_non_finite={str(checked).lower()}"],

@@ -270,11 +270,25 @@ def _from_before_manifests(directory: Path, tag: str) -> bool:
     return not (directory / tag / MANIFEST).exists() and (not with_manifest or tag_step(tag) < min(with_manifest))
 
 
+# step directory -> what its files looked like when they last verified in this process. A tool reaches
+# verify_step_dir through several paths (the checkpoint's home, its weights, its step); hashing gigabytes once is
+# enough while no file has changed size or mtime since.
+_VERIFIED: dict[Path, tuple] = {}
+
+
+def _file_stats(step_dir: Path) -> tuple:
+    return tuple(sorted((str(p.relative_to(step_dir)), p.stat().st_size, p.stat().st_mtime_ns)
+                        for p in step_dir.rglob("*") if p.is_file()))
+
+
 def verify_step_dir(step_dir: str | os.PathLike) -> None:
     """ValueError naming what is wrong when ``step_dir`` is not intact. A checkpoint from before manifests
     (none in its save directory has one) passes unchecked."""
     step_dir = Path(step_dir)
     if not (step_dir / MANIFEST).exists() and not _has_manifests(step_dir.parent):
+        return
+    key, stats = step_dir.resolve(), _file_stats(step_dir)
+    if _VERIFIED.get(key) == stats:
         return
     problems = checkpoint_problems(step_dir)
     if problems:
@@ -282,6 +296,7 @@ def verify_step_dir(step_dir: str | os.PathLike) -> None:
                   if t != step_dir.name and not checkpoint_problems(step_dir.parent / t, checksums=False)]
         hint = f"; the newest other checkpoint with all its files is {step_dir.parent / intact[0]}" if intact else ""
         raise DamagedCheckpoint(f"checkpoint {step_dir} is damaged or incomplete: {'; '.join(problems)}{hint}")
+    _VERIFIED[key] = stats
 
 
 def resume_tag(directory: str | os.PathLike, strict: bool = False) -> tuple[str | None, list[str]]:

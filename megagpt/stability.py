@@ -66,7 +66,7 @@ class NonFiniteGuard:
     batch, ``decide`` before the last ``engine.step()``, ``finish_step`` after it (whether the step was skipped),
     then ``raise_if_diverged`` (``TrainingDiverged`` after too many in a row)."""
 
-    def __init__(self, engine, max_consecutive_skips: int, any_rank: Callable[[bool], bool], enabled: bool = True):
+    def __init__(self, engine, max_consecutive_skips: int, any_rank: Callable[[bool | torch.Tensor], bool], enabled: bool = True):
         self.engine = engine
         self.max_consecutive_skips = max_consecutive_skips
         self.any_rank = any_rank
@@ -134,7 +134,7 @@ class NonFiniteGuard:
             if grads:
                 ok = ok.to(grads[0].device) & _all_finite(grads)
         self._loss_ok = None
-        self._skip = self.any_rank(not bool(ok.item()))
+        self._skip = self.any_rank(~ok)  # reduced on the device: the only host sync is the answer's
         return self._skip
 
     def finish_step(self) -> bool:

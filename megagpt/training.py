@@ -98,12 +98,16 @@ def _mean_over_ranks(value: float, world_size: int, device: torch.device) -> flo
     return tensor.item() / world_size
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
+def _any_rank(flag: bool | torch.Tensor, device: torch.device) -> bool:
     """True on every rank when ``flag`` is True on any (so all ranks stop at the same step); the
-    all-reduce runs on ``device`` (the training device)."""
+    all-reduce runs on ``device`` (the training device). A 0-d bool tensor is reduced as it is: the one
+    host sync is the result's."""
     if not dist.is_initialized():
-        return flag
-    tensor = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+        return bool(flag)
+    if torch.is_tensor(flag):
+        tensor = flag.reshape(1).to(device=device, dtype=torch.int32)
+    else:
+        tensor = torch.tensor([int(flag)], dtype=torch.int32, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
 
@@ -249,7 +253,8 @@ def train(config: Config, engine, launch: Launch, groups, exit_interval: int | N
         while state.step < config.schedule.train_iters:
             seq_len, warmup_state = warmup.seq_len, warmup.state_dict()
             batches = loader.next_step()
-            step_starts[state.step + 1] = loader.consumed_samples - config.batch.global_batch
+            if detector is not None:  # only a spike recovery reads it
+                step_starts[state.step + 1] = loader.consumed_samples - config.batch.global_batch
             # each micro batch keeps its own samples' labels, every one of them (megagpt/optim/seq_len_schedule.py)
             micro_batches = warmup.next_step([torch.from_numpy(m) for m in batches])
             step_tokens = config.tokens_per_step  # every label of the step's samples, whatever the row length

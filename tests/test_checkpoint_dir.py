@@ -53,6 +53,22 @@ def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path,
         cd.verify_step_dir(newest)  # what conversion, evaluation and generation see
 
 
+def test_a_verified_checkpoint_is_hashed_again_only_once_a_file_changed(tmp_path, monkeypatch):
+    """Tools reach verify_step_dir through several paths: one hashing per process while nothing changed."""
+    step_dir = make_checkpoint(tmp_path, 5)
+    hashed, real = [], cd.checkpoint_problems
+    monkeypatch.setattr(cd, "checkpoint_problems", lambda *a, **k: hashed.append(a[0]) or real(*a, **k))
+    cd.verify_step_dir(step_dir)
+    cd.verify_step_dir(tmp_path / "." / "step5")  # the same directory by another spelling
+    assert len(hashed) == 1
+    damaged = step_dir / "nested" / "layer_00-model_00-model_states.pt"
+    damaged.write_bytes(b"z" * 300)  # the same size, damaged in place
+    stat = damaged.stat()
+    os.utime(damaged, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a later write's mtime, whatever the clock tick
+    with pytest.raises(cd.DamagedCheckpoint, match="does not match its checksum"):
+        cd.verify_step_dir(step_dir)
+
+
 def test_no_intact_checkpoint_is_refused_naming_each(tmp_path):
     truncate(make_checkpoint(tmp_path, 5) / "config.json")
     truncate(make_checkpoint(tmp_path, 10) / "config.json")

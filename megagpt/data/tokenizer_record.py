@@ -191,7 +191,7 @@ def check_dataset(prefix: str | os.PathLike, vocab_size: int, tokenizer_config=N
                              f"{record.vocab_size} or use data made with the model's tokenizer")
         if tokenizer_config is not None and tokenizer_config.type is not None:
             _compare_tokenizer(prefix, record, tokenizer_config)
-    largest = largest_token_id(prefix, cache_dir)
+    largest = record.max_token_id if record is not None else largest_token_id(prefix, cache_dir)
     if largest >= vocab_size:
         source = record_path(prefix) if record is not None else "scanned; no tokenizer record"
         raise ValueError(f"dataset {prefix} holds token id {largest} ({source}) but the model's vocabulary is "

@@ -8,7 +8,6 @@ on the number of ranks.
 """
 from __future__ import annotations
 
-import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass

@@ -124,10 +124,7 @@ class SelfAttention(nn.Module):
         # parameters' new device now, in eager code. Under torch.compile the forward only reads the cache; a
         # copy inside the forward would be a host-to-device copy (a sync) per layer per micro batch.
         module = super()._apply(*args, **kwargs)
-        if self.slopes is not None:
-            device = self.qkv.weight.device
-            if device not in self._slopes_on_device:
-                self._slopes_on_device[device] = self.slopes.to(device)
+        self._slopes_for(self.qkv.weight.device)  # eager here, so it fills the cache
         return module
 
     def _slopes_for(self, device: torch.device) -> torch.Tensor | None:

@@ -24,7 +24,7 @@ def check_tokenizer_fits(weights, dataset: IndexedDataset, tokenizer=None) -> di
                              f"{record.eod}; {tokenizer_record.record_path(prefix)}) but {weights.source} records "
                              f"{described} (fingerprint {fingerprint}, eod {tokenizer.eod}): different vocabularies. "
                              "Score it with a checkpoint of its own tokenizer (or re-tokenize it)")
-    largest = tokenizer_record.largest_token_id(prefix)
+    largest = record.max_token_id if record is not None else tokenizer_record.largest_token_id(prefix)
     model_vocab = weights.model_config.vocab_size
     limit, owner = model_vocab, f"the model of {weights.source} (model.vocab_size={model_vocab})"
     if tokenizer is not None:
