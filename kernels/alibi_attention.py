@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, check_same_device, triton_kernel, upcast_after_load
-from .attention_configs import gpu_launch_meta, head_chunks, needs_int64_offsets
+from .attention_configs import gpu_launch_meta, head_chunks, needs_int64_offsets, row_block_name
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -297,7 +297,7 @@ def _launch_per_head_chunk(kernel, name: str, grid_rows: int, args_before, args_
     at most 65,535 (CUDA's grid-y limit).
     """
     meta = gpu_launch_meta(kernel, name, (*args_before, 0, *args_after), launch_args, grid_rows)
-    row_block = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
+    row_block = row_block_name(name)
 
     def grid_for(count):
         return lambda m: (triton.cdiv(grid_rows, m[row_block]), count)

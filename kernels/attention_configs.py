@@ -23,6 +23,7 @@ sm_90 on a CPU.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -60,7 +61,12 @@ class BlockConfig:
 
     def row_block(self, kernel: str) -> int:
         """The block along the dimension one program owns: keys for dK/dV, queries otherwise."""
-        return self.block_n if kernel == "dkdv" else self.block_m
+        return self.meta()[row_block_name(kernel)]
+
+
+def row_block_name(kernel: str) -> str:
+    """The meta-parameter that blocks the dimension one program of ``kernel`` owns (its grid's rows)."""
+    return "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
 
 
 def _configs(*tuples) -> tuple[BlockConfig, ...]:
@@ -139,34 +145,13 @@ def select_config(kernel: str, dtype: torch.dtype, head_dim: int, rows: int, sha
         f"or 'flex', or a 16-bit dtype, and report this (kernels/attention_configs.py)")
 
 
-class ConfigCache:
-    """Configs chosen in this process, by launch key; ``chosen()`` lists them (for logs and run metadata)."""
-
-    def __init__(self) -> None:
-        self._by_key: dict[tuple, BlockConfig] = {}
-
-    def get(self, key: tuple, choose: Callable[[], BlockConfig]) -> BlockConfig:
-        """The config for ``key``, choosing it with ``choose()`` the first time."""
-        config = self._by_key.get(key)
-        if config is None:
-            config = self._by_key[key] = choose()
-        return config
-
-    def chosen(self) -> dict[tuple, BlockConfig]:
-        """A copy of every choice made so far."""
-        return dict(self._by_key)
-
-    def clear(self) -> None:
-        self._by_key.clear()
-
-
 # ---- the choice on a GPU ---------------------------------------------------------------------------------------
-_CHOSEN = ConfigCache()
+_CHOSEN: dict[tuple, BlockConfig] = {}  # launch key -> the config chosen for it in this process
 
 
 def chosen_configs() -> dict:
     """The GPU launch configs chosen so far in this process, by launch key (for logs; empty on CPU)."""
-    return _CHOSEN.chosen()
+    return dict(_CHOSEN)
 
 
 def _alignment(args) -> tuple[bool, ...]:
@@ -210,15 +195,20 @@ def gpu_launch_meta(kernel, name: str, args, launch_args: dict, rows: int) -> di
         return {}
     q = args[0]
     device = q.device
-    key = (name, torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device), q.dtype,
-           launch_args["HEAD_DIM"], launch_args["INT64_OFFSETS"], length_bucket(rows), _alignment(args))
-
-    def choose():
+    key = (name, *_device_identity(device.index), q.dtype, launch_args["HEAD_DIM"], launch_args["INT64_OFFSETS"],
+           length_bucket(rows), _alignment(args))
+    config = _CHOSEN.get(key)
+    if config is None:
         limit = _gpu_shared_memory_limit(device)
-        return select_config(name, q.dtype, launch_args["HEAD_DIM"], rows, limit,
-                             lambda config: _compile_facts(kernel, args, launch_args, config, limit))
+        config = _CHOSEN[key] = select_config(name, q.dtype, launch_args["HEAD_DIM"], rows, limit,
+                                              lambda c: _compile_facts(kernel, args, launch_args, c, limit))
+    return config.meta()
 
-    return _CHOSEN.get(key, choose).meta()
+
+@functools.cache
+def _device_identity(index: int) -> tuple[str, tuple[int, int]]:
+    """(name, compute capability) of CUDA device ``index``: looked up once, not at every launch."""
+    return torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
 
 
 # ---- launch geometry -------------------------------------------------------------------------------------------

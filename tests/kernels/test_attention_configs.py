@@ -72,7 +72,8 @@ def test_short_inputs_use_row_blocks_that_fit_them():
 def test_gpu_launch_key_chooses_once_per_shape_and_gpu_model(monkeypatch):
     # The GPU branch of the launcher, run here with the GPU queries replaced: one choice per launch key, reused.
     monkeypatch.setattr(configs, "interpreter_active", lambda: False)
-    monkeypatch.setattr(configs, "_CHOSEN", configs.ConfigCache())
+    monkeypatch.setattr(configs, "_CHOSEN", {})
+    configs._device_identity.cache_clear()  # the device queries below are fakes: keep them out of other tests
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     monkeypatch.setattr(configs, "_gpu_shared_memory_limit", lambda device: 101376)
@@ -93,6 +94,7 @@ def test_gpu_launch_key_chooses_once_per_shape_and_gpu_model(monkeypatch):
     configs.gpu_launch_meta(None, "fwd", args, launch_args, rows=3000)  # another length bucket
     assert len(compiled) > 3
     assert len(configs.chosen_configs()) == 2
+    configs._device_identity.cache_clear()
 
 
 # ---- launch geometry ---------------------------------------------------------------------------------------------
