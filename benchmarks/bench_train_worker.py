@@ -123,11 +123,11 @@ def memory_figures(device) -> dict:
 
 def write_json(data: dict, path: str | Path) -> None:
     """Write ``data`` to ``path`` under a temporary name, then rename (a partial file never looks finished)."""
+    from megagpt.checkpoint_dir import atomic_write_text  # imported late: see main (TRITON_INTERPRET first)
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def megagpt_worker(args) -> dict:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -77,14 +78,9 @@ def record_for(tokenizer, max_token_id: int) -> TokenizerRecord:
 
 
 def _atomic_write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.{os.getpid()}.partial"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from megagpt.checkpoint_dir import atomic_write_text  # a unique temporary name: ranks may race to write
+
+    atomic_write_text(Path(path), json.dumps(obj, indent=2))
 
 
 def write_record(prefix: str | os.PathLike, record: TokenizerRecord) -> str:
