@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from megagpt.engine import is_pipeline_engine
+from megagpt.optim.optimizers import find_wrapped
 
 RECOVERIES = "recoveries.json"  # in the save directory: every spike recovery, so resumes skip the same samples
 
@@ -47,10 +48,8 @@ class TrainingDiverged(RuntimeError):
 
 def base_optimizer(engine) -> torch.optim.Optimizer:
     """The torch optimizer that DeepSpeed finally steps (inside ZeRO's wrapper, or the client optimizer)."""
-    optimizer = engine.optimizer
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):
+    optimizer = find_wrapped(engine.optimizer, lambda o: isinstance(o, torch.optim.Optimizer))
+    if optimizer is None:
         raise TypeError(f"cannot find the torch optimizer inside {type(engine.optimizer).__name__}")
     return optimizer
 

@@ -28,6 +28,7 @@ import torch
 
 from megagpt.convert.readers import PipelineNames
 from megagpt.convert.universal import Universal, consolidate, load_universal
+from megagpt.optim.optimizers import find_wrapped
 from megagpt.zero_checkpoint import GroupState, ZeroState, _quantize, flat_groups, load_zero_state
 
 TORCH_MOMENTS, BNB_MOMENTS = ("exp_avg", "exp_avg_sq"), ("state1", "state2")
@@ -61,11 +62,7 @@ def tp_slice(full: torch.Tensor, dim: int | None, rank: int, size: int) -> torch
 def _bnb_optimizer(optimizer):
     """The bitsandbytes optimizer inside ``optimizer`` (a ZeRO optimizer wraps it as ``.optimizer``), or None;
     without importing bitsandbytes for a torch optimizer."""
-    for _ in range(4):
-        if optimizer is None or type(optimizer).__module__.startswith("bitsandbytes"):
-            break
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer if optimizer is not None and type(optimizer).__module__.startswith("bitsandbytes") else None
+    return find_wrapped(optimizer, lambda o: type(o).__module__.startswith("bitsandbytes"))
 
 
 def _is_8bit(bnb_optimizer, g: int, p_index: int, tensor: torch.Tensor) -> bool:

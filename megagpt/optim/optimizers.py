@@ -10,6 +10,8 @@ as a client optimizer (it needs ``"zero_allow_untested_optimizer": true``), then
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 OPTIMIZER_KINDS = ("adamw", "adamw8bit", "paged_adamw8bit")
@@ -54,17 +56,23 @@ def build_optimizer(param_groups: list[dict], kind: str, lr: float, betas: tuple
                            min_8bit_size=min_8bit_size)
 
 
+def find_wrapped(optimizer, matches: Callable[[object], bool], depth: int = 4):
+    """The first of ``optimizer`` and the optimizers inside it (DeepSpeed's engine, ZeRO and bf16 wrappers keep
+    the one they wrap as ``.optimizer``), at most ``depth`` levels down, for which ``matches`` holds; or None."""
+    for _ in range(depth + 1):
+        if optimizer is None or matches(optimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
 def _unwrap_bnb_optimizer(optimizer):
     """The bitsandbytes optimizer inside ``optimizer`` (a DeepSpeed ZeRO optimizer or engine wraps it
     as ``.optimizer``), or None if there is none."""
     from megagpt.optim.bitsandbytes_import import import_bitsandbytes
 
     Optimizer8bit = import_bitsandbytes().optim.optimizer.Optimizer8bit
-    seen = 0
-    while optimizer is not None and not isinstance(optimizer, Optimizer8bit) and seen < 4:
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return optimizer if isinstance(optimizer, Optimizer8bit) else None
+    return find_wrapped(optimizer, lambda o: isinstance(o, Optimizer8bit))
 
 
 def _zero3_partitions(optimizer, group_indices: list[int]) -> list[torch.Tensor]:
@@ -73,10 +81,8 @@ def _zero3_partitions(optimizer, group_indices: list[int]) -> list[torch.Tensor]
     puts one sub group's partition back for the length of each ``step``, so those partitions are what the
     8-bit optimizer keys its state by. ValueError when there is no such optimizer: marking nothing would
     silently give the group 8-bit state."""
-    zero3, seen = optimizer, 0
-    while zero3 is not None and not hasattr(zero3, "fp32_partitioned_groups_flat") and seen < 4:
-        zero3, seen = getattr(zero3, "optimizer", None), seen + 1
-    if zero3 is None or not hasattr(zero3, "fp32_partitioned_groups_flat"):
+    zero3 = find_wrapped(optimizer, lambda o: hasattr(o, "fp32_partitioned_groups_flat"))
+    if zero3 is None:
         raise ValueError(f"optimizer param group(s) {group_indices} hold no tensors and {type(optimizer).__name__} "
                          "is not a DeepSpeed ZeRO-3 optimizer whose partitions could be marked instead")
     tensors = [flat for sub_group, flat in enumerate(zero3.fp32_partitioned_groups_flat)
